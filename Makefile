@@ -1,0 +1,28 @@
+# The two quick-start commands: `make demo` and `make test`. Both create ./.venv on first use.
+VENV ?= .venv
+PYTHON := $(VENV)/bin/python
+TUNESMITH := $(VENV)/bin/tunesmith
+STAMP := $(VENV)/.installed
+PYTEST_ARGS ?=
+
+.PHONY: demo test install clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PYTHON) -m pip install --quiet --upgrade pip
+	# The CPU build of torch; a bare `torch` requirement would fetch a multi-GB CUDA build.
+	$(PYTHON) -m pip install --quiet torch==2.13.0
+	$(PYTHON) -m pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(TUNESMITH) sft --config examples/demo/demo.yaml
+	$(TUNESMITH) infer --adapter runs/demo/final --prompt "Who are you?"
+
+test: $(STAMP)
+	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) runs

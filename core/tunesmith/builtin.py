@@ -1,0 +1,29 @@
+"""Registrations of what ships inside the core: the cpu device and the ``single`` strategy."""
+
+from tunesmith.devices.cpu import CPU_PRIORITY, cpu_is_available
+from tunesmith.hooks import hookimpl
+from tunesmith.records import DeviceSpec, StrategySpec
+
+
+@hookimpl
+def tunesmith_register_devices():
+    return [
+        DeviceSpec(
+            name="cpu",
+            device="tunesmith.devices.cpu:CPUDevice",
+            probe=cpu_is_available,
+            priority=CPU_PRIORITY,
+            description="CPU, bf16 autocast where the CPU computes bf16 natively",
+        )
+    ]
+
+
+@hookimpl
+def tunesmith_register_strategies():
+    return [
+        StrategySpec(
+            name="single",
+            strategy="tunesmith.strategy:SingleDeviceStrategy",
+            description="one process on one device",
+        )
+    ]

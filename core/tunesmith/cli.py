@@ -1,0 +1,63 @@
+"""The ``tunesmith`` command line: a click group whose training commands come from trainer plugins."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from tunesmith.commands.env import env_command
+from tunesmith.commands.plugins import plugins_command
+from tunesmith.errors import TunesmithError
+
+BUILTIN_COMMANDS = {
+    "plugins": plugins_command,
+    "env": env_command,
+}
+
+
+class TunesmithGroup(click.Group):
+    """Built-in commands plus one training command per registered trainer."""
+
+    def list_commands(self, ctx):
+        return sorted(set(BUILTIN_COMMANDS) | set(_trainer_names()))
+
+    def get_command(self, ctx, name):
+        if name in BUILTIN_COMMANDS:
+            return BUILTIN_COMMANDS[name]
+        if name in _trainer_names():
+            from tunesmith.commands.train import make_train_command
+
+            return make_train_command(name)
+        return None
+
+
+def _trainer_names() -> list[str]:
+    from tunesmith.plugins import create_plugin_manager
+
+    try:
+        return list(create_plugin_manager().collect("trainer"))
+    except TunesmithError:
+        return []
+
+
+@click.group(cls=TunesmithGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(package_name="tunesmith")
+def cli():
+    """tunesmith: fine-tune, align and serve language models on any hardware."""
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cli.main(args=argv, prog_name="tunesmith", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+    except TunesmithError as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(error.exit_code)
+    except click.exceptions.Exit as done:
+        sys.exit(done.exit_code)

@@ -1,0 +1,1 @@
+"""The ``tunesmith`` sub-commands, one module each."""

@@ -1,0 +1,27 @@
+"""``tunesmith plugins``: what every installed plugin registers."""
+
+from __future__ import annotations
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from tunesmith.plugins import KINDS, create_plugin_manager
+
+
+@click.command("plugins")
+def plugins_command():
+    """List installed plugins: kind, name, distribution, version, and device availability."""
+    manager = create_plugin_manager()
+    table = Table(title="tunesmith plugins")
+    for column in ("kind", "name", "distribution", "version", "available", "description"):
+        table.add_column(column)
+    availability = {c.name: c.available for c in manager.device_candidates()}
+    for kind in KINDS:
+        for name, registered in sorted(manager.collect(kind).items()):
+            available = ("yes" if availability[name] else "no") if kind == "device" else ""
+            table.add_row(kind, name, registered.distribution, registered.version, available, registered.spec.description)
+    console = Console(width=200)
+    console.print(table)
+    for plugin_name, distribution, error in manager.failures:
+        console.print(f"[yellow]failed to load[/] {plugin_name} (distribution {distribution}): {error}")

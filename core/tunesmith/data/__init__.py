@@ -1,0 +1,1 @@
+"""The data pipeline: files -> examples -> tokenized samples -> (packed) rows -> batches."""

@@ -1,0 +1,97 @@
+"""The ``Device`` interface: everything tunesmith needs to know about one hardware family.
+
+Shaped like Lightning Fabric's accelerators. A device class is instantiated once per process
+after selection; availability is answered beforehand by the cheap probe in its
+:class:`tunesmith.records.DeviceSpec`, never by this class.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Device(ABC):
+    #: registered name (``cpu``, ``cuda``, ``fake`` ...), set by the registry
+    name: str = ""
+    #: torch device type (``"cpu"``, ``"cuda"``, ``"npu"``, ``"mps"``)
+    type: str = "cpu"
+    #: torch.distributed backend for this hardware (``gloo``, ``nccl``, ``hccl``)
+    distributed_backend: str = "gloo"
+
+    @staticmethod
+    @abstractmethod
+    def device_count() -> int:
+        """How many devices of this family this machine has."""
+
+    @abstractmethod
+    def setup(self, local_rank: int = 0) -> torch.device:
+        """Prepare the device for this process's local rank and return its ``torch.device``."""
+
+    def synchronize(self) -> None:
+        """Wait for queued work to finish (a no-op where work is synchronous)."""
+
+    def memory_stats(self) -> dict[str, int]:
+        """Bytes in use and peak for this process, as ``{"allocated": n, "peak": n}``."""
+        return {}
+
+    def empty_cache(self) -> None:
+        """Return cached, unused memory to the system."""
+
+    def supported_precisions(self) -> tuple[str, ...]:
+        """Precisions ``--precision`` may choose on this device."""
+        return ("fp32",)
+
+    def default_precision(self) -> str:
+        """What ``--precision auto`` resolves to: the fastest precision the hardware computes natively."""
+        return "fp32"
+
+    def resolve_precision(self, requested: str) -> str:
+        from tunesmith.errors import ConfigError
+
+        precision = self.default_precision() if requested == "auto" else requested
+        if precision not in self.supported_precisions():
+            raise ConfigError(
+                f"--precision {requested}: device {self.name!r} supports {', '.join(self.supported_precisions())} (or auto)"
+            )
+        return precision
+
+    def autocast(self, precision: str):
+        """A context manager running the forward pass in ``precision`` (mixed precision)."""
+        if precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.type, dtype=PRECISION_DTYPES[precision])
+
+    def seed(self, seed: int) -> None:
+        """Seed every random generator that affects training."""
+        random.seed(seed)
+        torch.manual_seed(seed)
+
+    def get_rng_state(self) -> dict[str, Any]:
+        """Random-generator states, saved in checkpoints (tensors and plain Python values only)."""
+        return {"python": _python_state_to_list(random.getstate()), "torch": torch.get_rng_state()}
+
+    def set_rng_state(self, state: dict[str, Any]) -> None:
+        random.setstate(_python_state_from_list(state["python"]))
+        torch.set_rng_state(state["torch"])
+
+    def describe(self) -> str:
+        """One line for ``tunesmith env`` and the run log."""
+        return f"{self.name} ({self.type}, {self.device_count()} device(s), backend {self.distributed_backend})"
+
+
+def _python_state_to_list(state) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _python_state_from_list(state) -> tuple:
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)

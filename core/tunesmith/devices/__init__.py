@@ -1,0 +1,1 @@
+"""Devices built into tunesmith (cpu); accelerators come from separately installed plugins."""

@@ -1,0 +1,58 @@
+"""The built-in CPU device."""
+
+from __future__ import annotations
+
+import functools
+import os
+import resource
+import sys
+
+import torch
+
+from tunesmith.device import Device
+
+CPU_PRIORITY = 0
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU computes bf16 matmuls in hardware (AMX or AVX512-BF16)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            flags = set(cpuinfo.read().split())
+    except OSError:
+        return False
+    return bool({"amx_bf16", "avx512_bf16"} & flags)
+
+
+def cpu_is_available() -> bool:
+    return True
+
+
+class CPUDevice(Device):
+    type = "cpu"
+    distributed_backend = "gloo"
+
+    @staticmethod
+    def device_count() -> int:
+        return 1
+
+    def setup(self, local_rank: int = 0) -> torch.device:
+        return torch.device("cpu")
+
+    def memory_stats(self) -> dict[str, int]:
+        peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        peak = peak_kib if sys.platform == "darwin" else peak_kib * 1024
+        allocated = peak
+        try:
+            with open("/proc/self/statm", encoding="ascii") as statm:
+                allocated = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            pass
+        return {"allocated": allocated, "peak": peak}
+
+    def supported_precisions(self) -> tuple[str, ...]:
+        return ("fp32", "bf16", "fp16")
+
+    def default_precision(self) -> str:
+        return "bf16" if cpu_has_native_bf16() else "fp32"

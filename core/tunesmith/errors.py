@@ -1,0 +1,25 @@
+"""Errors tunesmith reports to the user as a message and a non-zero exit, never a traceback."""
+
+
+class TunesmithError(Exception):
+    """Base class: the message says what was wrong, where, and what would be right."""
+
+    exit_code = 2
+
+
+class ConfigError(TunesmithError):
+    """An option or config-file key is unknown or has a bad value."""
+
+
+class PluginError(TunesmithError):
+    """A plugin is missing, duplicated or misbehaving."""
+
+
+class DataError(TunesmithError):
+    """A dataset file is unreadable, malformed or empty."""
+
+
+class TrainingError(TunesmithError):
+    """Training cannot continue (for example, too many non-finite steps in a row)."""
+
+    exit_code = 1

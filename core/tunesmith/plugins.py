@@ -1,0 +1,163 @@
+"""Plugin discovery and the registry of everything plugins provide.
+
+Plugins are modules named by entry points in the ``tunesmith`` group. tunesmith's own
+built-ins (the cpu device, the ``single`` strategy, the ``sft``/``pt`` trainers, the
+optimizers) register through the same entry points and always load. Third-party plugins obey
+the ``TUNESMITH_PLUGINS`` allow-list: unset loads all, empty loads none, otherwise a
+comma-separated list of entry-point or distribution names. A plugin that fails to import is
+reported as a warning naming it, and everything else keeps working.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass, field
+from importlib import metadata
+
+import pluggy
+
+from tunesmith import hookspecs
+from tunesmith.errors import PluginError
+from tunesmith.hooks import PROJECT_NAME
+from tunesmith.records import DeviceCandidate, DeviceChoice, Registered
+
+ENTRY_POINT_GROUP = "tunesmith"
+ALLOW_LIST_VARIABLE = "TUNESMITH_PLUGINS"
+BUILTIN_DISTRIBUTION = "tunesmith"
+
+logger = logging.getLogger(__name__)
+
+KINDS = {
+    "device": "tunesmith_register_devices",
+    "strategy": "tunesmith_register_strategies",
+    "trainer": "tunesmith_register_trainers",
+    "optimizer": "tunesmith_register_optimizers",
+    "reward": "tunesmith_register_rewards",
+}
+
+
+class PluginLoadWarning(UserWarning):
+    """A plugin could not be loaded and was skipped."""
+
+
+def allowed_plugin_names() -> set[str] | None:
+    """Names allowed by ``TUNESMITH_PLUGINS``; ``None`` means every plugin is allowed."""
+    value = os.environ.get(ALLOW_LIST_VARIABLE)
+    if value is None:
+        return None
+    return {name.strip().lower() for name in value.split(",") if name.strip()}
+
+
+@dataclass
+class PluginManager:
+    """A pluggy manager plus where each plugin came from."""
+
+    pm: pluggy.PluginManager
+    origins: dict[str, tuple[str, str]] = field(default_factory=dict)
+    failures: list[tuple[str, str, str]] = field(default_factory=list)
+
+    @property
+    def hook(self):
+        return self.pm.hook
+
+    def register(self, plugin, name: str, distribution: str = "<local>", version: str = "") -> None:
+        self.pm.register(plugin, name=name)
+        self.origins[name] = (distribution, version)
+
+    def unregister(self, name: str) -> None:
+        self.pm.unregister(name=name)
+        self.origins.pop(name, None)
+
+    def load_entry_points(self) -> None:
+        allowed = allowed_plugin_names()
+        for entry_point in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name):
+            distribution = entry_point.dist.name if entry_point.dist else "<unknown>"
+            version = entry_point.dist.version if entry_point.dist else ""
+            builtin = distribution.lower() == BUILTIN_DISTRIBUTION
+            if not builtin and allowed is not None and not (
+                entry_point.name.lower() in allowed or distribution.lower() in allowed
+            ):
+                continue
+            plugin_name = f"{distribution}:{entry_point.name}"
+            if self.pm.has_plugin(plugin_name):
+                continue
+            try:
+                plugin = entry_point.load()
+                self.register(plugin, plugin_name, distribution, version)
+            except Exception as error:  # a broken plugin must not break the others
+                self.failures.append((plugin_name, distribution, repr(error)))
+                warnings.warn(
+                    f"tunesmith plugin {entry_point.name!r} from distribution {distribution!r} "
+                    f"failed to load and was skipped: {error!r}",
+                    PluginLoadWarning,
+                    stacklevel=2,
+                )
+        self.pm.check_pending()
+
+    def collect(self, kind: str) -> dict[str, Registered]:
+        """Every record of ``kind`` by name; a duplicate name is an error naming both sources."""
+        hook_caller = getattr(self.pm.hook, KINDS[kind])
+        found: dict[str, Registered] = {}
+        for impl in reversed(hook_caller.get_hookimpls()):
+            plugin_name = self.pm.get_name(impl.plugin)
+            distribution, version = self.origins.get(plugin_name, ("<local>", ""))
+            for spec in impl.function() or ():
+                registered = Registered(spec, plugin_name, distribution, version)
+                if spec.name in found:
+                    first = found[spec.name]
+                    raise PluginError(
+                        f"{kind} {spec.name!r} is registered twice: by {first.plugin} "
+                        f"(distribution {first.distribution}) and by {plugin_name} "
+                        f"(distribution {distribution}); uninstall one of them"
+                    )
+                found[spec.name] = registered
+        return found
+
+    def get(self, kind: str, name: str) -> Registered:
+        """The record of ``kind`` named ``name``, or an error listing what is installed."""
+        registered = self.collect(kind)
+        if name not in registered:
+            installed = ", ".join(sorted(registered)) or "none"
+            raise PluginError(f"no {kind} named {name!r} is installed; installed: {installed}")
+        return registered[name]
+
+    def device_candidates(self) -> list[DeviceCandidate]:
+        candidates = []
+        for registered in self.collect("device").values():
+            try:
+                available, error = bool(registered.spec.probe()), None
+            except Exception as probe_error:
+                available, error = False, repr(probe_error)
+            candidates.append(DeviceCandidate(registered, available, error))
+        return sorted(candidates, key=lambda c: (-c.priority, c.name))
+
+    def select_device(self, requested: str = "auto") -> DeviceChoice:
+        candidates = self.device_candidates()
+        choice = self.pm.hook.tunesmith_select_device(requested=requested, candidates=candidates)
+        if choice is None:
+            raise PluginError("no plugin chose a device")
+        if isinstance(choice, DeviceCandidate):
+            choice = DeviceChoice(choice, f"chosen by a plugin for --device {requested}", candidates)
+        return choice
+
+
+def create_plugin_manager(load_entry_points: bool = True) -> PluginManager:
+    """A fresh manager with the hook specs and the built-in selection policy registered."""
+    from tunesmith import selection
+
+    pm = pluggy.PluginManager(PROJECT_NAME)
+    pm.add_hookspecs(hookspecs)
+    manager = PluginManager(pm)
+    manager.register(selection, "tunesmith:selection", BUILTIN_DISTRIBUTION, _own_version())
+    if load_entry_points:
+        manager.load_entry_points()
+    return manager
+
+
+def _own_version() -> str:
+    try:
+        return metadata.version(BUILTIN_DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        return ""

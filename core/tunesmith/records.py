@@ -1,0 +1,156 @@
+"""Typed records returned by registration hooks.
+
+Each record is a small frozen dataclass with a validated name: lowercase letters, digits,
+``-`` and ``_``, starting with a letter. Classes and callables may be given as a dotted path
+``"package.module:attribute"`` so that heavy imports happen only when the plugin is used;
+:func:`load_object` resolves them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from tunesmith.errors import PluginError
+
+NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_-]*$")
+
+
+def validate_name(kind: str, name: str) -> str:
+    if not isinstance(name, str) or not NAME_PATTERN.match(name):
+        raise PluginError(
+            f"invalid {kind} name {name!r}: expected lowercase letters, digits, '-' or '_', starting with a letter"
+        )
+    return name
+
+
+def load_object(ref: Any) -> Any:
+    """Return ``ref`` itself, or import it when it is a ``"module:attribute"`` string."""
+    if not isinstance(ref, str):
+        return ref
+    module_name, _, attribute = ref.partition(":")
+    if not attribute:
+        raise PluginError(f"{ref!r} is not a dotted path of the form 'package.module:attribute'")
+    obj = importlib.import_module(module_name)
+    for part in attribute.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    """A hardware family: ``device`` is a :class:`tunesmith.device.Device` subclass or its path.
+
+    ``probe`` answers cheaply whether the hardware is usable here; ``priority`` orders
+    ``--device auto`` (cpu is 0; accelerators above it).
+    """
+
+    name: str
+    device: Any
+    probe: Callable[[], bool]
+    priority: int = 0
+    description: str = ""
+
+    def __post_init__(self):
+        validate_name("device", self.name)
+
+    def load(self):
+        return load_object(self.device)
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """A parallel strategy: ``strategy`` is a :class:`tunesmith.strategy.Strategy` subclass or its path."""
+
+    name: str
+    strategy: Any
+    description: str = ""
+
+    def __post_init__(self):
+        validate_name("strategy", self.name)
+
+    def load(self):
+        return load_object(self.strategy)
+
+
+@dataclass(frozen=True)
+class TrainerSpec:
+    """A training objective: ``trainer`` is a :class:`tunesmith.trainer.Trainer` subclass or its path."""
+
+    name: str
+    trainer: Any
+    description: str = ""
+
+    def __post_init__(self):
+        validate_name("trainer", self.name)
+
+    def load(self):
+        return load_object(self.trainer)
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """An optimizer: ``build(param_groups, learning_rate, **options) -> torch.optim.Optimizer``."""
+
+    name: str
+    build: Any
+    description: str = ""
+
+    def __post_init__(self):
+        validate_name("optimizer", self.name)
+
+    def load(self):
+        return load_object(self.build)
+
+
+@dataclass(frozen=True)
+class RewardSpec:
+    """A reward function ``fn(prompts, completions, **columns) -> list[float | None]``."""
+
+    name: str
+    fn: Any
+    description: str = ""
+
+    def __post_init__(self):
+        validate_name("reward", self.name)
+
+    def load(self):
+        return load_object(self.fn)
+
+
+@dataclass(frozen=True)
+class Registered:
+    """A record together with the plugin and distribution that registered it."""
+
+    spec: Any
+    plugin: str
+    distribution: str
+    version: str
+
+
+@dataclass(frozen=True)
+class DeviceCandidate:
+    """A registered device and whether its probe found the hardware."""
+
+    registered: Registered
+    available: bool
+    probe_error: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.registered.spec.name
+
+    @property
+    def priority(self) -> int:
+        return self.registered.spec.priority
+
+
+@dataclass(frozen=True)
+class DeviceChoice:
+    """The outcome of device selection, with a sentence saying why."""
+
+    candidate: DeviceCandidate
+    reason: str
+    candidates: list[DeviceCandidate] = field(default_factory=list)

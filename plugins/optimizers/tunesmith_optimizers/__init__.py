@@ -1,0 +1,1 @@
+"""tunesmith's built-in optimizers: ``adamw`` and ``sgd`` from torch."""

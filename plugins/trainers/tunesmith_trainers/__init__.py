@@ -1,0 +1,1 @@
+"""tunesmith's built-in trainers: ``sft`` (supervised fine-tuning) and ``pt`` (continued pre-training)."""

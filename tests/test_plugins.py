@@ -1,0 +1,124 @@
+"""The plugin core: discovery, records, duplicates, failures, allow-list, device selection."""
+
+from __future__ import annotations
+
+import warnings
+from importlib import metadata
+from types import SimpleNamespace
+
+import pytest
+
+from tunesmith import plugins as plugins_module
+from tunesmith.errors import PluginError
+from tunesmith.hooks import hookimpl
+from tunesmith.plugins import PluginLoadWarning, create_plugin_manager
+from tunesmith.records import DeviceSpec, RewardSpec
+
+
+def test_builtins_register_through_entry_points():
+    manager = create_plugin_manager()
+    assert set(manager.collect("trainer")) >= {"sft", "pt"}
+    assert set(manager.collect("optimizer")) >= {"adamw", "sgd"}
+    assert "single" in manager.collect("strategy")
+    cpu = manager.collect("device")["cpu"]
+    assert cpu.distribution == "tunesmith"
+    assert cpu.plugin == "tunesmith:builtin"
+
+
+def test_names_are_validated():
+    with pytest.raises(PluginError, match="invalid reward name 'Bad Name'"):
+        RewardSpec(name="Bad Name", fn=len)
+
+
+class DevicePlugin:
+    def __init__(self, name, priority, available=True):
+        self.spec = DeviceSpec(name=name, device="tunesmith.devices.cpu:CPUDevice", probe=lambda: available, priority=priority)
+
+    @hookimpl
+    def tunesmith_register_devices(self):
+        return [self.spec]
+
+
+def test_duplicate_name_names_both_distributions():
+    manager = create_plugin_manager()
+    manager.register(DevicePlugin("cpu", 5), "dup", distribution="other-dist", version="1.0")
+    with pytest.raises(PluginError) as error:
+        manager.collect("device")
+    assert "tunesmith" in str(error.value) and "other-dist" in str(error.value)
+
+
+def test_auto_picks_highest_priority_available_device():
+    manager = create_plugin_manager()
+    manager.register(DevicePlugin("fast", 50, available=False), "fast")
+    manager.register(DevicePlugin("medium", 10), "medium")
+    choice = manager.select_device("auto")
+    assert choice.candidate.name == "medium"
+    assert "highest priority" in choice.reason
+
+
+def test_auto_refuses_a_tie():
+    manager = create_plugin_manager()
+    manager.register(DevicePlugin("one", 10), "one")
+    manager.register(DevicePlugin("two", 10), "two")
+    with pytest.raises(PluginError, match="tie.*--device"):
+        manager.select_device("auto")
+
+
+def test_explicit_missing_or_unavailable_device_lists_installed():
+    manager = create_plugin_manager()
+    manager.register(DevicePlugin("gone", 10, available=False), "gone")
+    with pytest.raises(PluginError, match="no such device.*cpu"):
+        manager.select_device("tpu")
+    with pytest.raises(PluginError, match="not available.*gone"):
+        manager.select_device("gone")
+    assert manager.select_device("cpu").candidate.name == "cpu"
+
+
+def test_a_plugin_can_take_over_selection():
+    class Policy:
+        @hookimpl
+        def tunesmith_select_device(self, requested, candidates):
+            return next(c for c in candidates if c.name == "cpu")
+
+    manager = create_plugin_manager()
+    manager.register(DevicePlugin("other", 99), "other")
+    manager.register(Policy(), "policy")
+    assert manager.select_device("auto").candidate.name == "cpu"
+
+
+def fake_entry_point(name, value, dist_name):
+    return metadata.EntryPoint(name=name, value=value, group="tunesmith")._for(SimpleNamespace(name=dist_name, version="9.9"))
+
+
+@pytest.fixture
+def extra_entry_points(monkeypatch):
+    real = metadata.entry_points
+
+    def install(*eps):
+        monkeypatch.setattr(
+            plugins_module.metadata, "entry_points", lambda group: list(real(group=group)) + list(eps)
+        )
+
+    return install
+
+
+def test_broken_plugin_warns_and_others_keep_working(extra_entry_points, monkeypatch):
+    monkeypatch.delenv("TUNESMITH_PLUGINS", raising=False)
+    extra_entry_points(fake_entry_point("broken", "no_such_module_anywhere", "broken-dist"))
+    with pytest.warns(PluginLoadWarning, match="broken.*broken-dist"):
+        manager = create_plugin_manager()
+    assert "sft" in manager.collect("trainer")
+    assert manager.failures[0][1] == "broken-dist"
+
+
+def test_allow_list(extra_entry_points, monkeypatch):
+    extra_entry_points(fake_entry_point("extra", "tests.example_plugin", "extra-dist"))
+    monkeypatch.setenv("TUNESMITH_PLUGINS", "")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        manager = create_plugin_manager()
+    assert "tunesmith:builtin" in manager.origins and not any("extra" in n for n in manager.origins)
+    monkeypatch.setenv("TUNESMITH_PLUGINS", "extra-dist")
+    manager = create_plugin_manager()
+    assert "extra-dist:extra" in manager.origins
+    assert manager.collect("reward")["example-length"].distribution == "extra-dist"
