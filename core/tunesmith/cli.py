@@ -7,12 +7,16 @@ import sys
 import click
 
 from tunesmith.commands.env import env_command
+from tunesmith.commands.export import export_command
+from tunesmith.commands.infer import infer_command
 from tunesmith.commands.plugins import plugins_command
 from tunesmith.errors import TunesmithError
 
 BUILTIN_COMMANDS = {
     "plugins": plugins_command,
     "env": env_command,
+    "infer": infer_command,
+    "export": export_command,
 }
 
 
@@ -20,25 +24,23 @@ class TunesmithGroup(click.Group):
     """Built-in commands plus one training command per registered trainer."""
 
     def list_commands(self, ctx):
-        return sorted(set(BUILTIN_COMMANDS) | set(_trainer_names()))
+        return sorted(set(BUILTIN_COMMANDS) | set(_trainers()))
 
     def get_command(self, ctx, name):
         if name in BUILTIN_COMMANDS:
             return BUILTIN_COMMANDS[name]
-        if name in _trainer_names():
+        trainers = _trainers()
+        if name in trainers:
             from tunesmith.commands.train import make_train_command
 
-            return make_train_command(name)
+            return make_train_command(name, trainers[name].spec.description)
         return None
 
 
-def _trainer_names() -> list[str]:
+def _trainers() -> dict:
     from tunesmith.plugins import create_plugin_manager
 
-    try:
-        return list(create_plugin_manager().collect("trainer"))
-    except TunesmithError:
-        return []
+    return create_plugin_manager().collect("trainer")
 
 
 @click.group(cls=TunesmithGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -42,12 +43,17 @@ class PluginLoadWarning(UserWarning):
     """A plugin could not be loaded and was skipped."""
 
 
+def normalize_name(name: str) -> str:
+    """Compare names as pip does: case-insensitive, with '-', '_' and '.' alike."""
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
 def allowed_plugin_names() -> set[str] | None:
     """Names allowed by ``TUNESMITH_PLUGINS``; ``None`` means every plugin is allowed."""
     value = os.environ.get(ALLOW_LIST_VARIABLE)
     if value is None:
         return None
-    return {name.strip().lower() for name in value.split(",") if name.strip()}
+    return {normalize_name(name.strip()) for name in value.split(",") if name.strip()}
 
 
 @dataclass
@@ -75,9 +81,9 @@ class PluginManager:
         for entry_point in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name):
             distribution = entry_point.dist.name if entry_point.dist else "<unknown>"
             version = entry_point.dist.version if entry_point.dist else ""
-            builtin = distribution.lower() == BUILTIN_DISTRIBUTION
+            builtin = normalize_name(distribution) == BUILTIN_DISTRIBUTION
             if not builtin and allowed is not None and not (
-                entry_point.name.lower() in allowed or distribution.lower() in allowed
+                normalize_name(entry_point.name) in allowed or normalize_name(distribution) in allowed
             ):
                 continue
             plugin_name = f"{distribution}:{entry_point.name}"
@@ -133,14 +139,23 @@ class PluginManager:
             candidates.append(DeviceCandidate(registered, available, error))
         return sorted(candidates, key=lambda c: (-c.priority, c.name))
 
-    def select_device(self, requested: str = "auto") -> DeviceChoice:
-        candidates = self.device_candidates()
+    def select_device(self, requested: str = "auto", candidates: list[DeviceCandidate] | None = None) -> DeviceChoice:
+        """Run the selection hooks over ``candidates`` (probed now when not given)."""
+        if candidates is None:
+            candidates = self.device_candidates()
         choice = self.pm.hook.tunesmith_select_device(requested=requested, candidates=candidates)
         if choice is None:
             raise PluginError("no plugin chose a device")
         if isinstance(choice, DeviceCandidate):
             choice = DeviceChoice(choice, f"chosen by a plugin for --device {requested}", candidates)
         return choice
+
+
+def build_device(registered: Registered):
+    """Instantiate a registered device class, named as it was registered."""
+    device = registered.spec.load()()
+    device.name = registered.spec.name
+    return device
 
 
 def create_plugin_manager(load_entry_points: bool = True) -> PluginManager:

@@ -34,7 +34,8 @@ def env_command():
     table = Table(title="devices")
     for column in ("name", "priority", "available", "distribution", "details"):
         table.add_column(column)
-    for candidate in manager.device_candidates():
+    candidates = manager.device_candidates()
+    for candidate in candidates:
         details = candidate.probe_error or candidate.registered.spec.description
         table.add_row(
             candidate.name,
@@ -45,7 +46,7 @@ def env_command():
         )
     console.print(table)
     try:
-        choice = manager.select_device("auto")
+        choice = manager.select_device("auto", candidates)
         console.print(f"auto device: {choice.candidate.name} ({choice.reason})")
     except TunesmithError as error:
         console.print(f"auto device: none ({error})")

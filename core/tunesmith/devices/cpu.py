@@ -49,7 +49,8 @@ class CPUDevice(Device):
                 allocated = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
         except OSError:
             pass
-        return {"allocated": allocated, "peak": peak}
+        # ru_maxrss lags the live resident size by a few pages; peak can never be below it.
+        return {"allocated": allocated, "peak": max(peak, allocated)}
 
     def supported_precisions(self) -> tuple[str, ...]:
         return ("fp32", "bf16", "fp16")

@@ -1,0 +1,54 @@
+"""Adapter folders written by training: recognising one, and finding the base model it was trained on.
+
+A LoRA/DoRA run writes peft adapter folders at ``OUTPUT/checkpoint-N/`` and ``OUTPUT/final/``
+and its resolved options at ``OUTPUT/config.yaml``, whose ``model`` key names the base model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from tunesmith.errors import ConfigError
+from tunesmith.models import DEFAULT_MODEL
+
+RUN_CONFIG = "config.yaml"
+
+
+def adapter_folder(adapter: str) -> Path:
+    """``adapter`` as a path, checked to be a peft adapter folder."""
+    path = Path(adapter).expanduser()
+    if not path.is_dir():
+        raise ConfigError(f"--adapter {adapter}: no such folder; expected a peft adapter folder (OUTPUT/final or OUTPUT/checkpoint-N)")
+    if not (path / "adapter_config.json").is_file():
+        hint = " (it holds a full model: pass it as --model instead)" if (path / "config.json").is_file() else ""
+        raise ConfigError(f"--adapter {adapter}: no adapter_config.json there, so it is not a peft adapter folder{hint}")
+    return path
+
+
+def base_model(model: str | None, adapter: Path | None) -> str:
+    """The model to load: ``model`` when the user gave one, else the one recorded in the adapter's
+    run, else the default."""
+    if model is not None:
+        return model
+    if adapter is not None:
+        recorded = recorded_base_model(adapter)
+        if recorded is not None:
+            return recorded
+    return DEFAULT_MODEL
+
+
+def recorded_base_model(adapter: Path) -> str | None:
+    """The ``model`` key of the run's config.yaml next to ``adapter``; None without that file."""
+    config_path = adapter.parent / RUN_CONFIG
+    if not config_path.is_file():
+        return None
+    try:
+        config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{config_path}: not valid YAML ({error}); pass the base model with --model") from error
+    model = config.get("model") if isinstance(config, dict) else None
+    if not isinstance(model, str) or not model:
+        raise ConfigError(f"{config_path}: no 'model' key naming the base model; pass it with --model")
+    return model

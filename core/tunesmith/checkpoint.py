@@ -1,0 +1,186 @@
+"""Atomic checkpoints: written to a temporary folder, renamed into place only when complete.
+
+A checkpoint ``OUTPUT/checkpoint-STEP/`` holds the trainable weights in safetensors (a peft
+adapter folder for LoRA/DoRA, a transformers model folder for full fine-tuning, so any
+checkpoint can be loaded for inference), the optimizer state and RNG states in files that
+``torch.load(weights_only=True)`` accepts, and the scheduler and loop state in JSON. No
+pickled code is ever written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from tunesmith.errors import ConfigError
+
+CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
+STAGING_PREFIX = ".staging-"
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class LoopState:
+    """Where the loop is: everything besides tensors that a resumed run needs."""
+
+    step: int = 0
+    epoch: int = 0
+    micro_batch: int = 0
+    num_tokens: int = 0
+    skipped_steps: int = 0
+    bad_steps_in_a_row: int = 0
+
+
+def write_atomically(target: Path, write_into) -> None:
+    """Call ``write_into(folder)`` on a staging folder, then rename it to ``target``.
+
+    An existing ``target`` is replaced only after the new one is complete, so a crash at any
+    point leaves either the old or the new folder, never a partial one under that name.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f"{STAGING_PREFIX}{target.name}-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    write_into(staging)
+    _fsync_tree(staging)
+    if target.exists():
+        retired = target.parent / f"{STAGING_PREFIX}retired-{target.name}-{os.getpid()}"
+        os.rename(target, retired)
+        os.rename(staging, target)
+        shutil.rmtree(retired)
+    else:
+        os.rename(staging, target)
+    _fsync_dir(target.parent)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def remove_staging_leftovers(output_dir: Path) -> list[Path]:
+    """Delete folders a crashed run left half-written; return what was removed."""
+    removed = []
+    if output_dir.is_dir():
+        for path in output_dir.iterdir():
+            if path.name.startswith(STAGING_PREFIX) and path.is_dir():
+                shutil.rmtree(path)
+                removed.append(path)
+    return removed
+
+
+def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first."""
+    found = []
+    if output_dir.is_dir():
+        for path in output_dir.iterdir():
+            match = CHECKPOINT_PATTERN.match(path.name)
+            if match and (path / STATE_FILE).is_file():
+                found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def find_resume_checkpoint(output_dir: Path, resume: str) -> Path | None:
+    if resume == "never":
+        return None
+    if resume == "auto":
+        checkpoints = list_checkpoints(output_dir)
+        return checkpoints[-1][1] if checkpoints else None
+    path = Path(resume)
+    if not (path / STATE_FILE).is_file():
+        raise ConfigError(f"--resume {resume}: not a complete checkpoint folder (no {STATE_FILE}); use auto, never or a checkpoint-N folder")
+    return path
+
+
+def rotate_checkpoints(output_dir: Path, keep: int) -> list[Path]:
+    """Delete the oldest checkpoints beyond ``keep`` (0 keeps all); the newest always survives."""
+    if keep <= 0:
+        return []
+    checkpoints = list_checkpoints(output_dir)
+    doomed = [path for _, path in checkpoints[: max(0, len(checkpoints) - max(keep, 1))]]
+    for path in doomed:
+        shutil.rmtree(path)
+    return doomed
+
+
+def save_checkpoint(
+    target: Path,
+    model,
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    rng_state: dict[str, Any],
+    loop_state: LoopState,
+    scaler_state: dict[str, Any] | None = None,
+) -> None:
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder, safe_serialization=True)
+        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+        (folder / "scheduler.json").write_text(json.dumps(scheduler.state_dict()), encoding="utf-8")
+        torch.save(rng_state, folder / "rng_state.pt")
+        if scaler_state is not None:
+            torch.save(scaler_state, folder / "scaler.pt")
+        (folder / STATE_FILE).write_text(json.dumps(asdict(loop_state), indent=2), encoding="utf-8")
+
+    write_atomically(target, write)
+
+
+@dataclass
+class LoadedCheckpoint:
+    loop_state: LoopState
+    rng_state: dict[str, Any]
+    scaler_state: dict[str, Any] | None
+
+
+def load_checkpoint(folder: Path, model, optimizer: torch.optim.Optimizer, scheduler) -> LoadedCheckpoint:
+    load_trainable_weights(folder, model)
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(json.loads((folder / "scheduler.json").read_text(encoding="utf-8")))
+    rng_state = torch.load(folder / "rng_state.pt", weights_only=True)
+    scaler_path = folder / "scaler.pt"
+    scaler_state = torch.load(scaler_path, weights_only=True) if scaler_path.is_file() else None
+    loop_state = LoopState(**json.loads((folder / STATE_FILE).read_text(encoding="utf-8")))
+    return LoadedCheckpoint(loop_state, rng_state, scaler_state)
+
+
+def load_trainable_weights(folder: Path, model) -> None:
+    """Put a checkpoint's weights back into ``model`` exactly (peft adapter or full model)."""
+    adapter_file = folder / "adapter_model.safetensors"
+    if adapter_file.is_file():
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_file(adapter_file))
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise ConfigError(f"{folder}: adapter weights do not match this model (unexpected {unexpected[:3]})")
+        return
+    weight_files = sorted(folder.glob("model*.safetensors"))
+    if not weight_files:
+        raise ConfigError(f"{folder}: no adapter_model.safetensors or model.safetensors to resume from")
+    state = {}
+    for path in weight_files:
+        state.update(load_file(path))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied_embeddings = getattr(getattr(model, "config", None), "tie_word_embeddings", False)
+    really_missing = [key for key in missing if not (tied_embeddings and key.endswith("lm_head.weight"))]
+    if really_missing or unexpected:
+        raise ConfigError(f"{folder}: weights do not match this model (missing {really_missing[:3]}, unexpected {unexpected[:3]})")

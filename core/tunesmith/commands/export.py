@@ -1,0 +1,32 @@
+"""``tunesmith export``: merge a trained adapter into its base model and save a standalone model folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from tunesmith.adapters import adapter_folder, base_model
+from tunesmith.export import export_merged
+from tunesmith.models import DEFAULT_MODEL
+
+
+@click.command("export")
+@click.option(
+    "--model",
+    default=None,
+    show_default=f"{DEFAULT_MODEL}; the model in the run's config.yaml when there is one",
+    help="Base model the adapter was trained on: a local Hugging Face model folder or the alias smollm2-135m.",
+)
+@click.option("--adapter", required=True, help="peft adapter folder to merge (OUTPUT/final or OUTPUT/checkpoint-N).")
+@click.option("--output", required=True, type=click.Path(path_type=Path), help="Folder to write the merged model into.")
+@click.option("--force", is_flag=True, default=False, help="Replace --output if it exists and is not empty.")
+@click.option("--trust-remote-code", is_flag=True, default=False, help="Allow the model folder's own Python code to run.")
+def export_command(model, adapter, output, force, trust_remote_code):
+    """Merge a LoRA/DoRA adapter into its base model; save safetensors weights and the tokenizer."""
+    adapter_path = adapter_folder(adapter)
+    model_name = base_model(model, adapter_path)
+    if model is None:
+        click.echo(f"base model: {model_name}", err=True)
+    export_merged(model_name, adapter_path, output, force=force, trust_remote_code=trust_remote_code)
+    click.echo(f"merged model written to {output}")

@@ -1,0 +1,82 @@
+"""``tunesmith infer``: chat with a model, optionally with a trained adapter applied."""
+
+from __future__ import annotations
+
+import click
+
+from tunesmith.adapters import adapter_folder, base_model
+from tunesmith.generation import GenerationOptions, generate_reply, stream_reply
+from tunesmith.models import DEFAULT_MODEL, load_for_inference
+
+CLEAR_COMMAND = "/clear"
+EXIT_COMMAND = "/exit"
+
+
+@click.command("infer")
+@click.option(
+    "--model",
+    default=None,
+    show_default=f"{DEFAULT_MODEL}; with --adapter, the model in the run's config.yaml",
+    help="Local Hugging Face model folder (a merged export works too), or the built-in alias smollm2-135m.",
+)
+@click.option("--adapter", default=None, show_default="none", help="peft adapter folder to apply (OUTPUT/final or OUTPUT/checkpoint-N).")
+@click.option("--prompt", default=None, show_default="none: chat interactively", help="Print the reply to this one message and exit, instead of chatting.")
+@click.option("--system", default=None, show_default="none: the chat template's own, if any", help="System message that opens the conversation.")
+@click.option("--max-new-tokens", default=256, type=click.IntRange(min=1), help="Most tokens to generate per reply.")
+@click.option("--temperature", default=0.0, type=click.FloatRange(min=0.0), help="Sampling temperature; 0 is greedy.")
+@click.option("--top-p", default=1.0, type=click.FloatRange(min=0.0, max=1.0, min_open=True), help="Nucleus sampling; 1.0 is off.")
+@click.option("--top-k", default=0, type=click.IntRange(min=0), help="Sample among the k likeliest tokens; 0 is off.")
+@click.option("--repetition-penalty", default=1.0, type=click.FloatRange(min=0.0, min_open=True), help="Penalty on repeated tokens; 1.0 is off.")
+@click.option("--seed", default=None, type=int, show_default="unseeded", help="Seed for sampling, so a reply can be reproduced.")
+@click.option("--trust-remote-code", is_flag=True, default=False, help="Allow the model folder's own Python code to run.")
+def infer_command(model, adapter, prompt, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, trust_remote_code):
+    """Generate replies: one reply to --prompt, or an interactive chat on stdin.
+
+    In the chat, /clear starts a new conversation and /exit or end of input (Ctrl-D) quits.
+    """
+    options = GenerationOptions(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+    )
+    adapter_path = adapter_folder(adapter) if adapter is not None else None
+    model_name = base_model(model, adapter_path)
+    if model is None and adapter_path is not None:
+        click.echo(f"base model: {model_name}", err=True)
+    loaded, tokenizer = load_for_inference(model_name, adapter, trust_remote_code)
+
+    opening = [{"role": "system", "content": system}] if system is not None else []
+    if prompt is not None:
+        click.echo(generate_reply(loaded, tokenizer, [*opening, {"role": "user", "content": prompt}], options))
+        return
+    _chat(loaded, tokenizer, opening, options)
+
+
+def _chat(model, tokenizer, opening: list[dict[str, str]], options: GenerationOptions) -> None:
+    click.echo(f"{CLEAR_COMMAND} starts a new conversation; {EXIT_COMMAND} or Ctrl-D quits.", err=True)
+    messages = list(opening)
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            click.echo(err=True)
+            return
+        text = line.strip()
+        if not text:
+            continue
+        if text == EXIT_COMMAND:
+            return
+        if text == CLEAR_COMMAND:
+            messages = list(opening)
+            click.echo("(conversation cleared)", err=True)
+            continue
+        messages.append({"role": "user", "content": text})
+        pieces = []
+        for piece in stream_reply(model, tokenizer, messages, options):
+            click.echo(piece, nl=False)
+            pieces.append(piece)
+        click.echo()
+        messages.append({"role": "assistant", "content": "".join(pieces)})

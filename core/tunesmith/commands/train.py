@@ -1,0 +1,18 @@
+"""``tunesmith NAME``: one training command per registered trainer (``sft``, ``pt``, plugins' own)."""
+
+from __future__ import annotations
+
+import click
+
+from tunesmith.config import click_options, resolve_config
+
+
+def make_train_command(trainer_name: str, description: str = "") -> click.Command:
+    def run(config_file, **values):
+        from tunesmith.engine import train
+
+        config = resolve_config(click.get_current_context(), values, config_file)
+        train(trainer_name, config)
+
+    help_text = f"Train with the {trainer_name!r} objective: {description}" if description else f"Train with the {trainer_name!r} objective."
+    return click.command(trainer_name, help=help_text, context_settings={"show_default": True})(click_options(run))

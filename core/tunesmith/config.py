@@ -1,0 +1,161 @@
+"""Training options: one definition gives the CLI flag (``--learning-rate``), the YAML key
+(``learning_rate``), the default, the help text and the validation.
+
+Values are resolved as defaults < ``--config FILE`` < flags given on the command line. An
+unknown YAML key or a bad value is a :class:`~tunesmith.errors.ConfigError` naming the file,
+the key and what would be valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+
+from tunesmith.errors import ConfigError
+
+
+def option(default: Any, help: str, type: Any = None, multiple: bool = False, flag: bool = False) -> Any:
+    metadata = {"help": help, "type": type, "multiple": multiple, "flag": flag}
+    if multiple:
+        return field(default_factory=lambda: tuple(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+POSITIVE = click.IntRange(min=1)
+NON_NEGATIVE = click.IntRange(min=0)
+FRACTION = click.FloatRange(min=0.0, max=1.0, max_open=True)
+
+
+@dataclass
+class TrainConfig:
+    # model
+    model: str = option("smollm2-135m", "Local Hugging Face model folder, or the built-in alias smollm2-135m.")
+    trust_remote_code: bool = option(False, "Allow the model folder's own Python code to run.", flag=True)
+    adapter: str = option("lora", "What to train: a LoRA or DoRA adapter (peft), or every weight.", click.Choice(["lora", "dora", "full"]))
+    lora_rank: int = option(8, "LoRA rank r.", POSITIVE)
+    lora_alpha: int = option(16, "LoRA alpha (scaling = alpha / rank).", POSITIVE)
+    lora_dropout: float = option(0.05, "Dropout on the LoRA input.", FRACTION)
+    target_modules: str = option("all-linear", "Comma-separated module names to adapt, or all-linear.")
+    gradient_checkpointing: bool = option(False, "Recompute activations in backward to save memory.", flag=True)
+    # data
+    dataset: tuple = option((), "Training data file or folder; repeat to mix; PATH#N or PATH#0.5 samples rows.", multiple=True)
+    eval_dataset: tuple = option((), "Evaluation data file or folder; repeatable.", multiple=True)
+    val_split: float = option(0.0, "Fraction of the training rows held out for evaluation.", FRACTION)
+    eval_steps: int = option(50, "Evaluate every N optimizer steps (when there is eval data).", POSITIVE)
+    max_length: int = option(1024, "Truncate samples to this many tokens (and the packed row length).", POSITIVE)
+    packing: bool = option(False, "Pack samples into rows of --max-length; attention never crosses samples.", flag=True)
+    skip_bad_rows: bool = option(False, "Skip and count malformed rows instead of failing.", flag=True)
+    # optimisation
+    output_dir: str = option("output", "Run folder: config.yaml, metrics.jsonl, checkpoint-N/, final/.")
+    batch_size: int = option(4, "Rows per micro-batch.", POSITIVE)
+    grad_accum: int = option(1, "Micro-batches per optimizer step.", POSITIVE)
+    epochs: int = option(1, "Passes over the training data (ignored when --max-steps is set).", POSITIVE)
+    max_steps: int = option(0, "Optimizer steps to run; 0 derives them from --epochs.", NON_NEGATIVE)
+    learning_rate: float = option(1e-4, "Peak learning rate.", click.FloatRange(min=0.0, min_open=True))
+    weight_decay: float = option(0.0, "Decoupled weight decay (never on norms, biases or embeddings).", click.FloatRange(min=0.0))
+    optimizer: str = option("adamw", "Optimizer plugin name (see `tunesmith plugins`).")
+    lr_scheduler: str = option("cosine", "Learning-rate schedule after warm-up.", click.Choice(["constant", "linear", "cosine"]))
+    warmup_steps: int = option(0, "Linear warm-up steps (overrides --warmup-ratio when > 0).", NON_NEGATIVE)
+    warmup_ratio: float = option(0.0, "Warm-up as a fraction of all steps.", FRACTION)
+    max_grad_norm: float = option(1.0, "Clip the gradient norm to this value; 0 disables clipping.", click.FloatRange(min=0.0))
+    precision: str = option("auto", "Compute precision; auto picks what the device computes natively.", click.Choice(["auto", "fp32", "bf16", "fp16"]))
+    seed: int = option(42, "Random seed for initialisation, data order and dropout.", NON_NEGATIVE)
+    max_bad_steps: int = option(5, "Stop after this many non-finite steps in a row.", POSITIVE)
+    # hardware
+    device: str = option("auto", "Device plugin name, or auto for the highest-priority available device.")
+    strategy: str = option("single", "Parallel strategy plugin name.")
+    # logging and checkpoints
+    logging_steps: int = option(1, "Write a metrics line every N steps.", POSITIVE)
+    save_steps: int = option(100, "Write a checkpoint every N steps; 0 writes only the final result.", NON_NEGATIVE)
+    save_total_limit: int = option(0, "Keep at most N checkpoints (the newest is never deleted); 0 keeps all.", NON_NEGATIVE)
+    resume: str = option("auto", "auto: continue from the newest complete checkpoint; never; or a checkpoint folder.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: list(value) if isinstance(value, tuple) else value for key, value in dataclasses.asdict(self).items()}
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def flag_name(key: str) -> str:
+    return "--" + key.replace("_", "-")
+
+
+def click_options(command):
+    """Decorate a click command with one option per :class:`TrainConfig` field, plus ``--config``."""
+    for f in reversed(list(FIELDS.values())):
+        meta = f.metadata
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if meta["flag"]:
+            decorator = click.option(flag_name(f.name), f.name, is_flag=True, default=default, help=meta["help"], show_default=True)
+        else:
+            decorator = click.option(
+                flag_name(f.name),
+                f.name,
+                type=meta["type"],
+                default=default,
+                multiple=meta["multiple"],
+                help=meta["help"],
+                show_default=True,
+            )
+        command = decorator(command)
+    return click.option(
+        "--config",
+        "config_file",
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="YAML file of options (keys like learning_rate); flags override it.",
+    )(command)
+
+
+def resolve_config(ctx: click.Context, values: dict[str, Any], config_file: Path | None) -> TrainConfig:
+    """Merge defaults, the YAML file and command-line flags into a validated :class:`TrainConfig`."""
+    resolved = dict(values)
+    if config_file is not None:
+        for key, raw in load_config_file(config_file).items():
+            if ctx.get_parameter_source(key) == click.core.ParameterSource.COMMANDLINE:
+                continue
+            resolved[key] = cast_value(ctx, config_file, key, raw)
+    config = TrainConfig(**resolved)
+    if not config.dataset:
+        raise ConfigError("no training data: pass --dataset PATH (or a dataset key in --config)")
+    return config
+
+
+def load_config_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--config {path}: not valid YAML ({error})") from error
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of option names to values, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(FIELDS))
+    if unknown:
+        raise ConfigError(f"{path}: unknown key {unknown[0]!r}; valid keys: {', '.join(FIELDS)}")
+    return data
+
+
+def cast_value(ctx: click.Context, path: Path, key: str, raw: Any) -> Any:
+    param = next(p for p in ctx.command.params if p.name == key)
+    if FIELDS[key].metadata["multiple"] and not isinstance(raw, list):
+        raw = [raw]
+    if FIELDS[key].metadata["flag"] and not isinstance(raw, bool):
+        raise ConfigError(f"{path}: key {key!r}: expected true or false, got {raw!r}")
+    try:
+        return param.type_cast_value(ctx, raw)
+    except click.BadParameter as error:
+        raise ConfigError(f"{path}: key {key!r}: {error.message}") from error
+
+
+def write_config(config: TrainConfig, path: Path) -> None:
+    """Write the resolved options as YAML that ``--config`` accepts again."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False), encoding="utf-8")
+    temporary.replace(path)

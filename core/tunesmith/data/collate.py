@@ -1,0 +1,47 @@
+"""Building causal-LM batches from rows of samples.
+
+There is no attention mask. Rows are right-padded, and under causal attention a real token
+never attends to the padding after it. Each sample's ``position_ids`` restart at 0 and the
+padding forms a run of its own (0, 1, ...), and transformers (>= 5.17), given ``position_ids``
+and no ``attention_mask`` nor cache, reads those restarts as sequence boundaries and builds a
+block-diagonal causal mask (``masking_utils.find_packed_sequence_indices``) for every
+attention implementation. So a packed sample sees exactly what it would see alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from tunesmith.data.types import IGNORE_INDEX, Sample
+
+
+def collate_causal(rows: list[list[Sample]], pad_token_id: int) -> dict[str, Any]:
+    """``input_ids``, ``position_ids`` and ``targets`` (B, L), plus token counts.
+
+    ``targets[b, t]`` is the label of the token after ``t`` in the same sample, so the loss
+    needs no shifting; the last token of each sample, and padding, have no target.
+    """
+    length = max(sum(len(sample) for sample in row) for row in rows)
+    input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), length), dtype=torch.long)
+    targets = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
+    num_input_tokens = 0
+    for b, row in enumerate(rows):
+        start = 0
+        for sample in row:
+            end = start + len(sample)
+            input_ids[b, start:end] = torch.tensor(sample.input_ids, dtype=torch.long)
+            position_ids[b, start:end] = torch.arange(len(sample))
+            targets[b, start : end - 1] = torch.tensor(sample.labels[1:], dtype=torch.long)
+            start = end
+        num_input_tokens += start
+        position_ids[b, start:] = torch.arange(length - start)
+    return {
+        "input_ids": input_ids,
+        "position_ids": position_ids,
+        "targets": targets,
+        "num_target_tokens": int((targets != IGNORE_INDEX).sum()),
+        "num_input_tokens": num_input_tokens,
+    }

@@ -1,0 +1,177 @@
+"""Turning raw records into :class:`Example` objects, whatever dataset format they come in.
+
+A file's format is detected once, from the keys of its first row, and every row must then be
+in that format:
+
+- OpenAI ``messages``: ``[{"role": "system" | "user" | "assistant", "content": "..."}, ...]``
+- ShareGPT ``conversations``: ``[{"from": "human" | "gpt" | "system", "value": "..."}, ...]``
+  (``user`` and ``assistant`` are accepted for ``from`` as well)
+- Alpaca ``instruction``, optional ``input``, ``output``, optional ``system``: becomes an
+  optional system message, a user message (instruction and input joined by a newline) and an
+  assistant message
+- plain ``text``, for continued pre-training
+
+Every field the format does not read is kept, untouched, in ``Example.columns``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tunesmith.data.readers import BadRowError, OnBadRow, json_type, read_records
+from tunesmith.data.types import Example
+from tunesmith.errors import DataError
+
+ROLES = ("system", "user", "assistant")
+SHAREGPT_SPEAKERS = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class _FieldError(Exception):
+    """A problem with one field of a row; the caller adds the file and row."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field}: {problem}")
+
+
+@dataclass(frozen=True)
+class RowFormat:
+    name: str
+    #: keys whose presence in a row identifies the format
+    signature: tuple[str, ...]
+    #: keys the format turns into the conversation or text; every other key becomes a column
+    reads: tuple[str, ...]
+    #: record -> (messages, text); raises _FieldError
+    convert: Callable[[dict[str, Any]], tuple[list[dict[str, str]] | None, str | None]]
+
+    def describe(self) -> str:
+        return f"{self.name} ({' + '.join(repr(key) for key in self.signature)})"
+
+
+def _string(mapping: dict[str, Any], key: str, name: str | None = None, *, optional: bool = False) -> str | None:
+    """``mapping[key]``, which must be a string; ``name`` is the field's path for errors."""
+    name = name or key
+    value = mapping.get(key)
+    if value is None and optional:
+        return None
+    if key not in mapping:
+        raise _FieldError(name, "missing")
+    if not isinstance(value, str):
+        raise _FieldError(name, f"expected a string, got {json_type(value)}")
+    return value
+
+
+def _turns(record: dict[str, Any], field: str) -> list[Any]:
+    turns = record[field]
+    if not isinstance(turns, list):
+        raise _FieldError(field, f"expected a list of turns, got {json_type(turns)}")
+    if not turns:
+        raise _FieldError(field, "empty; expected at least one turn")
+    return turns
+
+
+def _from_messages(record: dict[str, Any]) -> tuple[list[dict[str, str]], None]:
+    messages = []
+    for index, turn in enumerate(_turns(record, "messages")):
+        where = f"messages[{index}]"
+        if not isinstance(turn, dict):
+            raise _FieldError(where, f"expected an object with 'role' and 'content', got {json_type(turn)}")
+        role = _string(turn, "role", f"{where}.role")
+        if role not in ROLES:
+            raise _FieldError(f"{where}.role", f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
+        content = _string(turn, "content", f"{where}.content")
+        messages.append({"role": role, "content": content})
+    return messages, None
+
+
+def _from_sharegpt(record: dict[str, Any]) -> tuple[list[dict[str, str]], None]:
+    messages = []
+    for index, turn in enumerate(_turns(record, "conversations")):
+        where = f"conversations[{index}]"
+        if not isinstance(turn, dict):
+            raise _FieldError(where, f"expected an object with 'from' and 'value', got {json_type(turn)}")
+        speaker = _string(turn, "from", f"{where}.from")
+        value = _string(turn, "value", f"{where}.value")
+        if speaker not in SHAREGPT_SPEAKERS:
+            raise _FieldError(f"{where}.from", f"unknown speaker {speaker!r}; expected one of {', '.join(SHAREGPT_SPEAKERS)}")
+        messages.append({"role": SHAREGPT_SPEAKERS[speaker], "content": value})
+    return messages, None
+
+
+def _from_alpaca(record: dict[str, Any]) -> tuple[list[dict[str, str]], None]:
+    instruction = _string(record, "instruction")
+    extra_input = _string(record, "input", optional=True)
+    output = _string(record, "output")
+    system = _string(record, "system", optional=True)
+    prompt = "\n".join(part for part in (instruction, extra_input) if part)
+    if not prompt:
+        raise _FieldError("instruction", "empty, and there is no 'input' either; expected the prompt text")
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": prompt})
+    messages.append({"role": "assistant", "content": output})
+    return messages, None
+
+
+def _from_text(record: dict[str, Any]) -> tuple[None, str]:
+    text = _string(record, "text")
+    if not text:
+        raise _FieldError("text", "empty; expected the text to train on")
+    return None, text
+
+
+# In detection order: a row with both 'messages' and 'text' is a conversation whose text is a column.
+FORMATS = (
+    RowFormat("OpenAI messages", ("messages",), ("messages",), _from_messages),
+    RowFormat("ShareGPT", ("conversations",), ("conversations",), _from_sharegpt),
+    RowFormat("Alpaca", ("instruction", "output"), ("instruction", "input", "output", "system"), _from_alpaca),
+    RowFormat("plain text", ("text",), ("text",), _from_text),
+)
+
+
+def detect_format(record: dict[str, Any], where: str) -> RowFormat:
+    """The format ``record`` (a file's first row, at ``where``) is in."""
+    for row_format in FORMATS:
+        if all(key in record for key in row_format.signature):
+            return row_format
+    found = ", ".join(repr(key) for key in record) or "none"
+    expected = "; ".join(row_format.describe() for row_format in FORMATS)
+    raise DataError(f"{where}: the row matches no known dataset format; its keys: {found}; expected one of: {expected}")
+
+
+def to_example(record: dict[str, Any], row_format: RowFormat, source: str, row: int) -> Example:
+    """Normalise one record; a malformed one raises :class:`BadRowError` naming ``source:row`` and the field."""
+    for key in row_format.signature:
+        if key not in record:
+            raise BadRowError(
+                f"{source}:{row}: {key}: missing; the file's first row is in {row_format.describe()} format, "
+                "so every row needs it"
+            )
+    try:
+        messages, text = row_format.convert(record)
+    except _FieldError as error:
+        raise BadRowError(f"{source}:{row}: {error}") from None
+    columns = {key: value for key, value in record.items() if key not in row_format.reads}
+    return Example(source=source, row=row, messages=messages, text=text, columns=columns)
+
+
+def read_examples(path: str | Path, on_bad_row: OnBadRow | None = None) -> Iterator[Example]:
+    """Yield every row of ``path`` as an :class:`Example`.
+
+    A malformed row raises :class:`BadRowError`, or is passed to ``on_bad_row`` and skipped.
+    """
+    # As read_records names it, so every message spells the file the same way.
+    source = str(Path(path))
+    row_format = None
+    for row, record in read_records(path, on_bad_row):
+        if row_format is None:
+            row_format = detect_format(record, f"{source}:{row}")
+        try:
+            example = to_example(record, row_format, source, row)
+        except BadRowError as error:
+            if on_bad_row is None:
+                raise
+            on_bad_row(error)
+            continue
+        yield example

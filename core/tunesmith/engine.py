@@ -1,0 +1,248 @@
+"""The training loop shared by every trainer.
+
+Read top to bottom: choose hardware, build model and data, restore the newest checkpoint,
+then repeat (micro-batches -> loss -> backward -> clip -> step) with logging, evaluation and
+atomic checkpoints. Trainers supply the objective; devices and strategies the hardware and
+parallelism; the loop itself never changes for them.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from tunesmith.checkpoint import (
+    LoopState,
+    find_resume_checkpoint,
+    load_checkpoint,
+    remove_staging_leftovers,
+    rotate_checkpoints,
+    save_checkpoint,
+    write_atomically,
+)
+from tunesmith.config import TrainConfig, write_config
+from tunesmith.data.order import BatchOrder
+from tunesmith.data.setup import TrainingData, build_training_data
+from tunesmith.data.tokenize import ensure_chat_template
+from tunesmith.device import Device
+from tunesmith.errors import TrainingError
+from tunesmith.metrics import MetricsLog
+from tunesmith.models import apply_adapter, load_model, load_tokenizer, resolve_model
+from tunesmith.optimization import build_scheduler, parameter_groups, warmup_steps
+from tunesmith.plugins import PluginManager, build_device, create_plugin_manager
+from tunesmith.strategy import Strategy
+from tunesmith.trainer import Trainer
+
+
+@dataclass
+class RunResult:
+    output_dir: Path
+    final_dir: Path
+    steps: int
+    device: str
+    precision: str
+
+
+def train(trainer_name: str, config: TrainConfig, manager: PluginManager | None = None, console: Console | None = None) -> RunResult:
+    manager = manager or create_plugin_manager()
+    console = console or Console()
+    output_dir = Path(config.output_dir)
+
+    # Hardware: the device plugin and the parallel strategy.
+    choice = manager.select_device(config.device)
+    device: Device = build_device(choice.candidate.registered)
+    strategy: Strategy = manager.get("strategy", config.strategy).spec.load()(device)
+    strategy.setup_environment()
+    precision = device.resolve_precision(config.precision)
+    build_optimizer = manager.get("optimizer", config.optimizer).spec.load()
+    trainer_class = manager.get("trainer", trainer_name).spec.load()
+    say = console.print if strategy.is_global_zero else (lambda *args, **kwargs: None)
+    say(f"device: {device.name} ({choice.reason}); precision: {precision}; strategy: {config.strategy}")
+    device.seed(config.seed)
+
+    # Model, tokenizer and data.
+    model_path = resolve_model(config.model)
+    tokenizer = load_tokenizer(model_path, config.trust_remote_code)
+    ensure_chat_template(tokenizer)
+    trainer: Trainer = trainer_class(tokenizer, config)
+    trainer.name = trainer_name
+    data = build_training_data(trainer, config)
+    say(data.describe())
+    model = load_model(model_path, config.trust_remote_code)
+    model = apply_adapter(model, config.adapter, config.lora_rank, config.lora_alpha, config.lora_dropout, config.target_modules)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = strategy.setup_model(model)
+    model.train()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    say(f"model: {config.model} ({config.adapter}); trainable parameters {trainable:,} of {total:,}")
+
+    optimizer = strategy.setup_optimizer(build_optimizer(parameter_groups(model, config.weight_decay), config.learning_rate))
+    order = BatchOrder(len(data.train_rows), config.batch_size, config.seed)
+    total_steps = config.max_steps or math.ceil(config.epochs * order.micro_batches_per_epoch / config.grad_accum)
+    scheduler = build_scheduler(
+        config.lr_scheduler, optimizer, total_steps, warmup_steps(total_steps, config.warmup_steps, config.warmup_ratio)
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    # Resume from the newest complete checkpoint, if any.
+    metrics = MetricsLog(output_dir / "metrics.jsonl")
+    state = LoopState()
+    if strategy.is_global_zero:
+        remove_staging_leftovers(output_dir)
+    resume_from = find_resume_checkpoint(output_dir, config.resume)
+    if resume_from is not None:
+        loaded = load_checkpoint(resume_from, strategy.unwrap(model), optimizer, scheduler)
+        state = loaded.loop_state
+        device.set_rng_state(loaded.rng_state)
+        if loaded.scaler_state is not None:
+            scaler.load_state_dict(loaded.scaler_state)
+        say(f"resuming from {resume_from} (step {state.step} of {total_steps})")
+    if strategy.is_global_zero:
+        metrics.truncate_after(state.step)
+        write_config(config, output_dir / "config.yaml")
+
+    def save(step_state: LoopState) -> None:
+        if not strategy.is_global_zero:
+            return
+        save_checkpoint(
+            output_dir / f"checkpoint-{step_state.step}",
+            strategy.unwrap(model),
+            optimizer,
+            scheduler,
+            device.get_rng_state(),
+            step_state,
+            scaler.state_dict() if scaler.is_enabled() else None,
+        )
+        rotate_checkpoints(output_dir, config.save_total_limit)
+
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:.0f} tok/s"),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not strategy.is_global_zero,
+    )
+    interval_tokens, interval_start = 0, time.perf_counter()
+    with progress:
+        task = progress.add_task(trainer_name, total=total_steps, completed=state.step, loss=float("nan"), lr=scheduler.get_last_lr()[0], tps=0.0)
+        while state.step < total_steps:
+            # One optimizer step over --grad-accum micro-batches, normalised by every item in the step.
+            micro_batches = []
+            for _ in range(config.grad_accum):
+                rows = [data.train_rows[i] for i in order.indices(state.epoch, state.micro_batch)]
+                micro_batches.append(trainer.collate(rows))
+                state.epoch, state.micro_batch = order.advance(state.epoch, state.micro_batch)
+            items = strategy.reduce_sum(torch.tensor(sum(trainer.count_items(b) for b in micro_batches), dtype=torch.float64))
+            items = max(float(items), 1.0)
+            loss_total = torch.zeros((), dtype=torch.float64)
+            logged: dict[str, float] = {}
+            for index, batch in enumerate(micro_batches):
+                batch = move_to(batch, strategy.root_device)
+                with strategy.no_sync(model, index < len(micro_batches) - 1), device.autocast(precision):
+                    output = trainer.compute_loss(model, batch)
+                strategy.backward(scaler.scale(output.loss / items))
+                loss_total += output.loss.detach().double().cpu()
+                for key, value in output.metrics.items():
+                    logged[key] = logged.get(key, 0.0) + float(value) / items
+            loss = float(strategy.reduce_sum(loss_total)) / items
+
+            scaler.unscale_(optimizer)
+            grad_norm = float(strategy.clip_grad_norm(model.parameters(), config.max_grad_norm))
+            state.step += 1
+            if math.isfinite(loss) and (math.isfinite(grad_norm) or scaler.is_enabled()):
+                scaler.step(optimizer) if scaler.is_enabled() else strategy.optimizer_step(optimizer)
+                scaler.update()
+                state.bad_steps_in_a_row = 0
+            else:
+                state.skipped_steps += 1
+                state.bad_steps_in_a_row += 1
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+
+            step_tokens = int(strategy.reduce_sum(torch.tensor(sum(b["num_input_tokens"] for b in micro_batches))))
+            state.num_tokens += step_tokens
+            interval_tokens += step_tokens
+            if state.bad_steps_in_a_row >= config.max_bad_steps:
+                raise TrainingError(
+                    f"stopped at step {state.step}: {state.bad_steps_in_a_row} steps in a row had a non-finite loss or "
+                    f"gradient (--max-bad-steps {config.max_bad_steps}); the last checkpoint in {output_dir} is intact. "
+                    "Lower --learning-rate, set --max-grad-norm, or check the data."
+                )
+
+            if state.step % config.logging_steps == 0 or state.step == total_steps:
+                elapsed = time.perf_counter() - interval_start
+                tokens_per_second = interval_tokens / elapsed if elapsed > 0 else 0.0
+                record = {
+                    "step": state.step,
+                    "epoch": record_epoch(state, order),
+                    "loss": loss,
+                    "learning_rate": optimizer.param_groups[0]["lr"],
+                    "grad_norm": grad_norm,
+                    "num_tokens": state.num_tokens,
+                    "tokens_per_second": tokens_per_second,
+                    "skipped_steps": state.skipped_steps,
+                    "device": device.name,
+                    **logged,
+                }
+                if strategy.is_global_zero:
+                    metrics.write(record)
+                progress.update(task, completed=state.step, loss=loss, lr=record["learning_rate"], tps=tokens_per_second)
+                interval_tokens, interval_start = 0, time.perf_counter()
+            else:
+                progress.update(task, completed=state.step)
+
+            if data.eval_rows and (state.step % config.eval_steps == 0 or state.step == total_steps):
+                eval_loss = evaluate(model, trainer, data.eval_rows, config.batch_size, device, precision, strategy)
+                if strategy.is_global_zero:
+                    metrics.write({"step": state.step, "epoch": record_epoch(state, order), "eval_loss": eval_loss, "device": device.name})
+                say(f"step {state.step}: eval_loss {eval_loss:.4f}")
+            if config.save_steps and state.step % config.save_steps == 0:
+                save(state)
+
+    final_dir = output_dir / "final"
+    if strategy.is_global_zero:
+        write_atomically(final_dir, lambda folder: save_final(strategy.unwrap(model), tokenizer, folder))
+        say(f"done: {state.step} steps; result in {final_dir}")
+    strategy.barrier()
+    strategy.teardown()
+    return RunResult(output_dir, final_dir, state.step, device.name, precision)
+
+
+def record_epoch(state: LoopState, order: BatchOrder) -> float:
+    return state.epoch + state.micro_batch / order.micro_batches_per_epoch
+
+
+def save_final(model, tokenizer, folder: Path) -> None:
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+
+
+def move_to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+
+
+@torch.no_grad()
+def evaluate(model, trainer: Trainer, rows, batch_size: int, device: Device, precision: str, strategy: Strategy) -> float:
+    """Mean loss per item over the evaluation rows."""
+    model.eval()
+    loss_sum, items = 0.0, 0
+    for start in range(0, len(rows), batch_size):
+        batch = trainer.collate(rows[start : start + batch_size])
+        items += trainer.count_items(batch)
+        with device.autocast(precision):
+            loss_sum += float(trainer.compute_loss(model, move_to(batch, strategy.root_device)).loss)
+    model.train()
+    loss_sum = float(strategy.reduce_sum(torch.tensor(loss_sum, dtype=torch.float64)))
+    items = int(strategy.reduce_sum(torch.tensor(items)))
+    return loss_sum / max(items, 1)

@@ -1,0 +1,78 @@
+"""Merging a trained LoRA/DoRA adapter into its base model, saved as a standalone model folder.
+
+The result loads with plain ``transformers.AutoModelForCausalLM`` (and ``tunesmith infer --model``)
+with no peft at run time. It is written into a temporary sibling folder and renamed into place
+only when complete, so an interrupted export never leaves a half-written model under OUTPUT.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from tunesmith.data.tokenize import ensure_chat_template
+from tunesmith.errors import ConfigError
+from tunesmith.models import load_model, load_tokenizer, resolve_model
+
+
+def export_merged(model: str, adapter: Path, output: Path, force: bool = False, trust_remote_code: bool = False) -> Path:
+    """Merge ``adapter`` into ``model`` and save weights, config and tokenizer in ``output``."""
+    _check_output(output, force)
+    model_path = resolve_model(model)
+    tokenizer = load_tokenizer(model_path, trust_remote_code)
+    # The tokenizer saved with the weights must render chats as training did.
+    ensure_chat_template(tokenizer)
+    # Merging happens in float32 so adding the low-rank update does not round twice; the
+    # result is then stored in the base's own dtype so a bf16 model does not double in size.
+    base = load_model(model_path, trust_remote_code)
+    from peft import PeftModel
+
+    merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+    merged.to(_stored_dtype(model_path))
+
+    def write(folder: Path) -> None:
+        # transformers 5 writes safetensors only; no pickled weights are ever produced.
+        merged.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    _write_atomically(output, write)
+    return output
+
+
+def _check_output(output: Path, force: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"--output {output}: exists and is not a folder")
+    if output.is_dir() and any(output.iterdir()) and not force:
+        raise ConfigError(f"--output {output}: folder exists and is not empty; pass --force to replace it")
+
+
+def _stored_dtype(model_path: Path) -> torch.dtype:
+    config = json.loads((model_path / "config.json").read_text(encoding="utf-8"))
+    # transformers 5 writes "dtype"; older folders say "torch_dtype".
+    name = config.get("dtype") or config.get("torch_dtype")
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
+def _write_atomically(output: Path, write) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-export-", dir=output.parent))
+    try:
+        write(staging)
+        # mkdtemp creates the folder private to its owner; a model folder is normally shared.
+        staging.chmod(0o755)
+        if output.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{output.name}-replaced-", dir=output.parent))
+            os.rename(output, retired / output.name)
+            os.rename(staging, output)
+            shutil.rmtree(retired)
+        else:
+            os.rename(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -1,0 +1,65 @@
+"""A non-finite loss skips the step without touching parameters; too many in a row stop the run."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.helpers import adapter_weights, chat_rows, read_metrics, write_jsonl
+from tunesmith.config import TrainConfig
+from tunesmith.engine import train
+from tunesmith.errors import TrainingError
+from tunesmith.hooks import hookimpl
+from tunesmith.plugins import create_plugin_manager
+from tunesmith.records import TrainerSpec
+from tunesmith_trainers.sft import SFTTrainer
+
+
+class PoisonedSFT(SFTTrainer):
+    """SFT whose loss is NaN on the optimizer steps listed in ``poisoned_steps`` (1-based)."""
+
+    poisoned_steps: set[int] = set()
+    calls = 0
+
+    def compute_loss(self, model, batch):
+        PoisonedSFT.calls += 1
+        output = super().compute_loss(model, batch)
+        if PoisonedSFT.calls in self.poisoned_steps:
+            output.loss = output.loss * float("nan")
+        return output
+
+
+class PoisonPlugin:
+    @hookimpl
+    def tunesmith_register_trainers(self):
+        return [TrainerSpec(name="poisoned", trainer=PoisonedSFT)]
+
+
+def run(tmp_path, tiny_model_dir, poisoned, **options):
+    PoisonedSFT.poisoned_steps, PoisonedSFT.calls = set(poisoned), 0
+    manager = create_plugin_manager()
+    manager.register(PoisonPlugin(), "poison")
+    data = write_jsonl(tmp_path / "train.jsonl", chat_rows(4))
+    config = TrainConfig(model=str(tiny_model_dir), dataset=(str(data),), output_dir=str(tmp_path / "run"),
+                         precision="fp32", batch_size=4, save_steps=1, lora_dropout=0.0, **options)
+    return train("poisoned", config, manager=manager)
+
+
+def test_a_nan_step_is_skipped_and_counted(tmp_path, tiny_model_dir):
+    run(tmp_path, tiny_model_dir, poisoned={2}, max_steps=3)
+    output = tmp_path / "run"
+    after_1, after_2, after_3 = (adapter_weights(output / f"checkpoint-{n}") for n in (1, 2, 3))
+    for key in after_1:
+        assert torch.equal(after_1[key], after_2[key]), key
+    assert any(not torch.equal(after_2[key], after_3[key]) for key in after_2)
+    assert [m["skipped_steps"] for m in read_metrics(output)] == [0, 1, 1]
+
+
+def test_too_many_bad_steps_in_a_row_stop_the_run(tmp_path, tiny_model_dir):
+    with pytest.raises(TrainingError, match="3 steps in a row.*checkpoint"):
+        run(tmp_path, tiny_model_dir, poisoned={2, 3, 4, 5, 6}, max_steps=8, max_bad_steps=3)
+    output = tmp_path / "run"
+    assert not (output / "final").exists()
+    good = adapter_weights(output / "checkpoint-1")
+    last = adapter_weights(output / "checkpoint-3")
+    assert all(torch.equal(good[key], last[key]) for key in good)

@@ -1,0 +1,122 @@
+"""The shared training loop end to end on a tiny model: learning, accumulation, packing,
+metrics, evaluation, non-finite steps, checkpoints and config handling."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import yaml
+
+from tests.helpers import adapter_weights, chat_rows, qa_rows, read_metrics, run_cli, write_jsonl
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    return write_jsonl(tmp_path / "train.jsonl", chat_rows(8))
+
+
+def base_args(tiny_model_dir, data_file, output_dir, *extra):
+    return [
+        "sft", "--model", tiny_model_dir, "--dataset", data_file, "--output-dir", output_dir,
+        "--precision", "fp32", "--save-steps", "0", *extra,
+    ]
+
+
+def test_tiny_model_overfits_and_infer_returns_the_trained_answer(tiny_model_dir, tmp_path, capsys):
+    output = tmp_path / "run"
+    data = write_jsonl(tmp_path / "qa.jsonl", qa_rows())
+    code = run_cli(*base_args(tiny_model_dir, data, output, "--adapter", "full", "--learning-rate", "5e-3",
+                              "--max-steps", "40", "--batch-size", "8", "--lr-scheduler", "constant"))
+    assert code == 0
+    losses = [m["loss"] for m in read_metrics(output) if "loss" in m]
+    assert losses[-1] < 0.1 * losses[0], losses
+    capsys.readouterr()
+    assert run_cli("infer", "--model", output / "final", "--prompt", "Which planet is red?", "--max-new-tokens", "8") == 0
+    assert capsys.readouterr().out.strip() == "Mars."
+
+
+def test_metrics_lines_carry_the_documented_fields(tiny_model_dir, data_file, tmp_path, capsys):
+    output = tmp_path / "run"
+    assert run_cli(*base_args(tiny_model_dir, data_file, output, "--max-steps", "3", "--batch-size", "2", "--val-split", "0.25", "--eval-steps", "2")) == 0
+    lines = read_metrics(output)
+    train_lines = [m for m in lines if "loss" in m]
+    assert [m["step"] for m in train_lines] == [1, 2, 3]
+    for key in ("step", "epoch", "loss", "learning_rate", "grad_norm", "num_tokens", "tokens_per_second", "device"):
+        assert key in train_lines[0]
+    assert train_lines[0]["device"] == "cpu"
+    assert train_lines[0]["num_tokens"] < train_lines[1]["num_tokens"] < train_lines[2]["num_tokens"]
+    eval_lines = [m for m in lines if "eval_loss" in m]
+    assert [m["step"] for m in eval_lines] == [2, 3] and all(math.isfinite(m["eval_loss"]) for m in eval_lines)
+    out = capsys.readouterr().out
+    assert "device: cpu" in out
+
+
+def test_gradient_accumulation_matches_one_big_batch(tiny_model_dir, data_file, tmp_path):
+    one = tmp_path / "one"
+    two = tmp_path / "two"
+    common = ("--adapter", "full", "--max-steps", "2", "--lora-dropout", "0", "--learning-rate", "1e-3")
+    assert run_cli(*base_args(tiny_model_dir, data_file, one, "--batch-size", "4", "--grad-accum", "1", *common)) == 0
+    assert run_cli(*base_args(tiny_model_dir, data_file, two, "--batch-size", "2", "--grad-accum", "2", *common)) == 0
+    loss_one = [m["loss"] for m in read_metrics(one)]
+    loss_two = [m["loss"] for m in read_metrics(two)]
+    assert loss_one == pytest.approx(loss_two, rel=1e-5)
+    first, second = adapter_weights(one / "final"), adapter_weights(two / "final")
+    for key in first:
+        torch.testing.assert_close(first[key], second[key], rtol=1e-3, atol=1e-5)
+
+
+def test_one_step_loss_is_the_same_with_and_without_packing(tiny_model_dir, data_file, tmp_path):
+    plain, packed = tmp_path / "plain", tmp_path / "packed"
+    common = ("--max-steps", "1", "--batch-size", "8", "--lora-dropout", "0")
+    assert run_cli(*base_args(tiny_model_dir, data_file, plain, *common)) == 0
+    assert run_cli(*base_args(tiny_model_dir, data_file, packed, "--packing", "--max-length", "128", *common)) == 0
+    plain_line, packed_line = read_metrics(plain)[0], read_metrics(packed)[0]
+    assert packed_line["loss"] == pytest.approx(plain_line["loss"], rel=1e-5)
+    assert packed_line["num_tokens"] == plain_line["num_tokens"]
+
+
+def test_config_file_flags_override_and_resolved_config_is_written(tiny_model_dir, data_file, tmp_path):
+    output = tmp_path / "run"
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"model": str(tiny_model_dir), "dataset": [str(data_file)], "output_dir": str(output),
+                                      "max_steps": 1, "learning_rate": 0.5, "precision": "fp32", "save_steps": 0}))
+    assert run_cli("sft", "--config", config, "--learning-rate", "2e-4") == 0
+    written = yaml.safe_load((output / "config.yaml").read_text())
+    assert written["learning_rate"] == 2e-4 and written["max_steps"] == 1 and written["dataset"] == [str(data_file)]
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        ({"learning_rat": 0.1}, "unknown key 'learning_rat'; valid keys: model,"),
+        ({"lr_scheduler": "cosine_wobble"}, "key 'lr_scheduler'"),
+        ({"batch_size": 0}, "key 'batch_size'"),
+        ({"packing": "yes please"}, "key 'packing': expected true or false"),
+    ],
+)
+def test_bad_config_file_names_the_key(tmp_path, capsys, content, expected, data_file):
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml.safe_dump({"dataset": [str(data_file)], **content}))
+    assert run_cli("sft", "--config", config) != 0
+    err = capsys.readouterr().err
+    assert expected in err and "bad.yaml" in err
+
+
+def test_bad_flags_name_the_option(capsys, data_file):
+    assert run_cli("sft", "--dataset", data_file, "--learning-rat", "0.1") != 0
+    assert "--learning-rat" in capsys.readouterr().err
+    assert run_cli("sft", "--dataset", data_file, "--lr-scheduler", "wobbly") != 0
+    err = capsys.readouterr().err
+    assert "--lr-scheduler" in err and "cosine" in err
+    assert run_cli("sft", "--dataset", data_file, "--device", "quantum") != 0
+    assert "quantum" in capsys.readouterr().err
+
+
+def test_help_lists_every_option_with_its_default(capsys):
+    assert run_cli("sft", "--help") == 0
+    out = capsys.readouterr().out
+    for flag in ("--learning-rate", "--lora-rank", "--packing", "--save-total-limit", "--max-bad-steps", "--config"):
+        assert flag in out
+    assert "default: 0.0001" in out and "default: cosine" in out
