@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import chat_rows, read_metrics, write_jsonl
+
 REPO = Path(__file__).resolve().parents[1]
 FAKE_DEVICE = REPO / "tests" / "fake_device"
 DISTRIBUTION = "tunesmith-fake-device"
@@ -54,7 +56,7 @@ def device_row(*cells: str, output: str) -> bool:
     return re.search(r"^\W*" + r"\W+".join(map(re.escape, cells)) + r"\W", output, re.MULTILINE) is not None
 
 
-def check_env(expected_device: str, workdir: Path) -> None:
+def check_env(expected_device: str, workdir: Path, model_dir: Path) -> None:
     log = workdir / "env-calls.log"
     output = run_cli(["env"], TUNESMITH_FAKE_DEVICE_LOG=str(log)).stdout
     assert auto_device(output) == expected_device
@@ -66,14 +68,29 @@ def check_env(expected_device: str, workdir: Path) -> None:
         assert not log.exists()
 
 
-#: each check(expected_device, workdir) runs before install, while installed and after uninstall
-CHECKS = [check_env]
+def check_sft(expected_device: str, workdir: Path, model_dir: Path) -> None:
+    """The user story: the very same training command lands on whatever device is installed."""
+    data = workdir / "train.jsonl"
+    write_jsonl(data, chat_rows(4))
+    log = workdir / "sft-calls.log"
+    output_dir = workdir / "run"
+    command = ["sft", "--model", str(model_dir), "--dataset", str(data), "--output-dir", str(output_dir),
+               "--max-steps", "2", "--batch-size", "2", "--save-steps", "0"]
+    output = run_cli(command, TUNESMITH_FAKE_DEVICE_LOG=str(log)).stdout
+    assert f"device: {expected_device} " in output, output
+    assert {line["device"] for line in read_metrics(output_dir)} == {expected_device}
+    if expected_device == "fake":
+        assert {"setup", "seed", "autocast"} <= set(log.read_text().split())
 
 
-def run_checks(expected_device: str, workdir: Path) -> None:
+#: each check(expected_device, workdir, model_dir) runs before install, while installed and after uninstall
+CHECKS = [check_env, check_sft]
+
+
+def run_checks(expected_device: str, workdir: Path, model_dir: Path) -> None:
     workdir.mkdir()
     for check in CHECKS:
-        check(expected_device, workdir)
+        check(expected_device, workdir, model_dir)
 
 
 def pip(*args: str) -> None:
@@ -124,14 +141,14 @@ def venv_lock():
         fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def test_installing_and_uninstalling_the_fake_device_changes_auto_selection(tmp_path, venv_lock):
+def test_installing_and_uninstalling_the_fake_device_changes_auto_selection(tmp_path, venv_lock, tiny_model_dir):
     if is_installed():
         pytest.fail(f"{DISTRIBUTION} is already installed in {sys.prefix}; `pip uninstall -y {DISTRIBUTION}` first")
 
-    run_checks("cpu", tmp_path / "before")
+    run_checks("cpu", tmp_path / "before", tiny_model_dir)
 
     with fake_device_installed(tmp_path):
-        run_checks("fake", tmp_path / "installed")
+        run_checks("fake", tmp_path / "installed", tiny_model_dir)
 
         unavailable = run_cli(["env"], TUNESMITH_FAKE_DEVICE_AVAILABLE="0").stdout
         assert auto_device(unavailable) == "cpu"
@@ -142,4 +159,4 @@ def test_installing_and_uninstalling_the_fake_device_changes_auto_selection(tmp_
         assert "probe says it is not available here" in conformance, conformance  # TestFakeDeviceUnavailable
 
     assert not is_installed()
-    run_checks("cpu", tmp_path / "uninstalled")
+    run_checks("cpu", tmp_path / "uninstalled", tiny_model_dir)

@@ -94,7 +94,10 @@ def _dequantize_to_safetensors(gguf_dir: Path, filename: str, target: Path) -> N
 def load_tokenizer(model_path: Path, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"--model {model_path}: could not load its tokenizer ({error})") from error
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -103,9 +106,12 @@ def load_tokenizer(model_path: Path, trust_remote_code: bool = False):
 def load_model(model_path: Path, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(
-        model_path, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation="sdpa"
-    )
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            model_path, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation="sdpa"
+        )
+    except (OSError, ValueError) as error:
+        raise ConfigError(f"--model {model_path}: could not load the model ({error})") from error
 
 
 def apply_adapter(
