@@ -79,7 +79,10 @@ def test_crash_while_writing_a_checkpoint_resumes_from_the_previous_one(tiny_mod
         run_cli(*command(tiny_model_dir, data, output, 6))
     monkeypatch.setattr(checkpoint_module.torch, "save", real_save)
     assert sorted(p.name for p in output.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-2"]
-    assert any(p.name.startswith(".staging-checkpoint-4") for p in output.iterdir())
+    # A process killed outright cannot clean up: leave the debris a SIGKILL mid-write would.
+    debris = output / ".staging-checkpoint-4-99999"
+    debris.mkdir()
+    (debris / "optimizer.pt").write_bytes(b"PK\x03\x04 truncated")
 
     capsys.readouterr()
     assert run_cli(*command(tiny_model_dir, data, output, 6)) == 0

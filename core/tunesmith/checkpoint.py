@@ -10,7 +10,6 @@ pickled code is ever written.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 from dataclasses import asdict, dataclass
@@ -20,10 +19,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from tunesmith.atomic import write_atomically
 from tunesmith.errors import ConfigError
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-STAGING_PREFIX = ".staging-"
 STATE_FILE = "trainer_state.json"
 
 
@@ -37,56 +36,6 @@ class LoopState:
     num_tokens: int = 0
     skipped_steps: int = 0
     bad_steps_in_a_row: int = 0
-
-
-def write_atomically(target: Path, write_into) -> None:
-    """Call ``write_into(folder)`` on a staging folder, then rename it to ``target``.
-
-    An existing ``target`` is replaced only after the new one is complete, so a crash at any
-    point leaves either the old or the new folder, never a partial one under that name.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.parent / f"{STAGING_PREFIX}{target.name}-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
-    write_into(staging)
-    _fsync_tree(staging)
-    if target.exists():
-        retired = target.parent / f"{STAGING_PREFIX}retired-{target.name}-{os.getpid()}"
-        os.rename(target, retired)
-        os.rename(staging, target)
-        shutil.rmtree(retired)
-    else:
-        os.rename(staging, target)
-    _fsync_dir(target.parent)
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def remove_staging_leftovers(output_dir: Path) -> list[Path]:
-    """Delete folders a crashed run left half-written; return what was removed."""
-    removed = []
-    if output_dir.is_dir():
-        for path in output_dir.iterdir():
-            if path.name.startswith(STAGING_PREFIX) and path.is_dir():
-                shutil.rmtree(path)
-                removed.append(path)
-    return removed
 
 
 def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:

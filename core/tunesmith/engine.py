@@ -22,11 +22,10 @@ from tunesmith.checkpoint import (
     LoopState,
     find_resume_checkpoint,
     load_checkpoint,
-    remove_staging_leftovers,
     rotate_checkpoints,
     save_checkpoint,
-    write_atomically,
 )
+from tunesmith.atomic import remove_staging_leftovers, write_atomically
 from tunesmith.config import TrainConfig, write_config
 from tunesmith.data.order import BatchOrder
 from tunesmith.data.setup import TrainingData, build_training_data

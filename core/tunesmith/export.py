@@ -8,13 +8,11 @@ only when complete, so an interrupted export never leaves a half-written model u
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from tunesmith.atomic import write_atomically
 from tunesmith.data.tokenize import ensure_chat_template
 from tunesmith.errors import ConfigError
 from tunesmith.models import load_model, load_tokenizer, resolve_model
@@ -40,7 +38,7 @@ def export_merged(model: str, adapter: Path, output: Path, force: bool = False, 
         merged.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
 
-    _write_atomically(output, write)
+    write_atomically(output, write)
     return output
 
 
@@ -57,22 +55,3 @@ def _stored_dtype(model_path: Path) -> torch.dtype:
     name = config.get("dtype") or config.get("torch_dtype")
     dtype = getattr(torch, name, None) if isinstance(name, str) else None
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
-
-
-def _write_atomically(output: Path, write) -> None:
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-export-", dir=output.parent))
-    try:
-        write(staging)
-        # mkdtemp creates the folder private to its owner; a model folder is normally shared.
-        staging.chmod(0o755)
-        if output.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{output.name}-replaced-", dir=output.parent))
-            os.rename(output, retired / output.name)
-            os.rename(staging, output)
-            shutil.rmtree(retired)
-        else:
-            os.rename(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise

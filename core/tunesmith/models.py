@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from tunesmith.atomic import write_atomically
 from tunesmith.errors import ConfigError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -69,7 +68,6 @@ def _cached_alias(name: str, alias: GGUFAlias) -> Path:
 def _dequantize_to_safetensors(gguf_dir: Path, filename: str, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=filename)
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=filename, dtype=torch.float32)
     # The weights are already dequantized; transformers refuses to save while these are set.
@@ -77,18 +75,12 @@ def _dequantize_to_safetensors(gguf_dir: Path, filename: str, target: Path) -> N
     model.hf_quantizer = None
     if hasattr(model, "is_quantized"):
         model.is_quantized = False
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    staging.chmod(0o755)
-    try:
-        model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        if target.exists():  # another process finished first
-            shutil.rmtree(staging)
-            return
-        os.rename(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder, safe_serialization=True)
+        tokenizer.save_pretrained(folder)
+
+    write_atomically(target, write)
 
 
 def load_tokenizer(model_path: Path, trust_remote_code: bool = False):

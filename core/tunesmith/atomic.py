@@ -1,0 +1,69 @@
+"""Writing a folder so that it appears complete or not at all.
+
+Everything is written into a staging folder beside the target, flushed to disk, then renamed
+into place. A crash at any point leaves the previous folder (or none) under the target's name;
+staging folders a killed process left behind are removed by :func:`remove_staging_leftovers`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+STAGING_PREFIX = ".staging-"
+
+
+def write_atomically(target: Path, write_into: Callable[[Path], None]) -> None:
+    """Call ``write_into(folder)`` on a staging folder, then rename it to ``target``.
+
+    An existing ``target`` is replaced only once the new folder is complete.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.parent / f"{STAGING_PREFIX}{target.name}-{os.getpid()}"
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir()
+    try:
+        write_into(staging)
+        _fsync_tree(staging)
+        if target.exists():
+            retired = target.parent / f"{STAGING_PREFIX}retired-{target.name}-{os.getpid()}"
+            os.rename(target, retired)
+            os.rename(staging, target)
+            shutil.rmtree(retired)
+        else:
+            os.rename(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    _fsync_dir(target.parent)
+
+
+def remove_staging_leftovers(folder: Path) -> list[Path]:
+    """Delete staging folders a killed process left in ``folder``; return what was removed."""
+    removed = []
+    if folder.is_dir():
+        for path in folder.iterdir():
+            if path.name.startswith(STAGING_PREFIX) and path.is_dir():
+                shutil.rmtree(path)
+                removed.append(path)
+    return removed
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with open(path, "rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
