@@ -19,7 +19,10 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(TUNESMITH) sft --config examples/demo/demo.yaml
-	$(TUNESMITH) infer --adapter runs/demo/final --prompt "Who are you?"
+	@echo "--- Who are you? (the base model says it is SmolLM; the adapter learned a new name)"
+	@$(TUNESMITH) infer --adapter runs/demo/final --prompt "Who are you?" 2>/dev/null
+	@echo "--- What is the capital of France? (general answers are kept)"
+	@$(TUNESMITH) infer --adapter runs/demo/final --prompt "What is the capital of France?" 2>/dev/null
 
 test: $(STAMP)
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)

@@ -135,15 +135,15 @@ def apply_adapter(
         raise ConfigError(f"--target-modules {target_modules}: {error}") from error
 
 
-def load_for_inference(model: str, adapter_dir: str | None = None, trust_remote_code: bool = False):
-    """Model (with an optional LoRA adapter folder applied) and tokenizer, ready for generation."""
+def load_for_inference(model: str, adapter_path: Path | None = None, trust_remote_code: bool = False):
+    """Model (with an optional peft adapter folder applied) and tokenizer, ready for generation.
+
+    ``adapter_path`` is expected to be checked already (:func:`tunesmith.adapters.adapter_folder`).
+    """
     model_path = resolve_model(model)
     tokenizer = load_tokenizer(model_path, trust_remote_code)
     loaded = load_model(model_path, trust_remote_code)
-    if adapter_dir is not None:
-        adapter_path = Path(adapter_dir)
-        if not (adapter_path / "adapter_config.json").is_file():
-            raise ConfigError(f"--adapter {adapter_dir}: no adapter_config.json there; expected a peft adapter folder")
+    if adapter_path is not None:
         from peft import PeftModel
 
         loaded = PeftModel.from_pretrained(loaded, adapter_path)

@@ -46,7 +46,7 @@ def infer_command(model, adapter, prompt, system, max_new_tokens, temperature, t
     model_name = base_model(model, adapter_path)
     if model is None and adapter_path is not None:
         click.echo(f"base model: {model_name}", err=True)
-    loaded, tokenizer = load_for_inference(model_name, adapter, trust_remote_code)
+    loaded, tokenizer = load_for_inference(model_name, adapter_path, trust_remote_code)
 
     opening = [{"role": "system", "content": system}] if system is not None else []
     if prompt is not None:
