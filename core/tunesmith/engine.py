@@ -62,7 +62,11 @@ def train(trainer_name: str, config: TrainConfig, manager: PluginManager | None 
     precision = device.resolve_precision(config.precision)
     build_optimizer = manager.get("optimizer", config.optimizer).spec.load()
     trainer_class = manager.get("trainer", trainer_name).spec.load()
-    say = console.print if strategy.is_global_zero else (lambda *args, **kwargs: None)
+
+    def say(message: str) -> None:
+        if strategy.is_global_zero:  # plain log lines: no wrapping, no markup in user paths
+            console.print(message, soft_wrap=True, markup=False, highlight=False)
+
     say(f"device: {device.name} ({choice.reason}); precision: {precision}; strategy: {config.strategy}")
     device.seed(config.seed)
 
@@ -167,6 +171,7 @@ def train(trainer_name: str, config: TrainConfig, manager: PluginManager | None 
                 state.skipped_steps += 1
                 state.bad_steps_in_a_row += 1
             optimizer.zero_grad(set_to_none=True)
+            step_learning_rate = optimizer.param_groups[0]["lr"]
             scheduler.step()
 
             step_tokens = int(strategy.reduce_sum(torch.tensor(sum(b["num_input_tokens"] for b in micro_batches))))
@@ -186,7 +191,7 @@ def train(trainer_name: str, config: TrainConfig, manager: PluginManager | None 
                     "step": state.step,
                     "epoch": record_epoch(state, order),
                     "loss": loss,
-                    "learning_rate": optimizer.param_groups[0]["lr"],
+                    "learning_rate": step_learning_rate,
                     "grad_norm": grad_norm,
                     "num_tokens": state.num_tokens,
                     "tokens_per_second": tokens_per_second,

@@ -1,0 +1,87 @@
+"""Engine options that change how a run proceeds: schedules, epochs, precisions, gradient
+checkpointing, continued pre-training, and choosing where to resume from."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.helpers import adapter_weights, chat_rows, read_metrics, run_cli, write_jsonl
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    return write_jsonl(tmp_path / "train.jsonl", chat_rows(8))
+
+
+def sft(tiny_model_dir, data_file, output, *extra):
+    return run_cli("sft", "--model", tiny_model_dir, "--dataset", data_file, "--output-dir", output,
+                   "--save-steps", "0", "--batch-size", "2", *extra)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+def test_learning_rate_schedules_warm_up_then_follow_their_shape(tiny_model_dir, data_file, tmp_path, schedule):
+    output = tmp_path / schedule
+    assert sft(tiny_model_dir, data_file, output, "--max-steps", "6", "--warmup-steps", "2",
+               "--learning-rate", "1e-3", "--lr-scheduler", schedule, "--precision", "fp32") == 0
+    # Each line logs the rate its step used; warm-up climbs linearly from 0 over two steps.
+    rates = [line["learning_rate"] for line in read_metrics(output)]
+    assert rates[:3] == pytest.approx([0.0, 5e-4, 1e-3])
+    if schedule == "constant":
+        assert rates[3:] == pytest.approx([1e-3] * 3)
+    else:
+        assert all(0 < later < earlier for earlier, later in zip(rates[2:], rates[3:]))
+
+
+def test_epochs_set_the_number_of_steps(tiny_model_dir, data_file, tmp_path):
+    output = tmp_path / "run"
+    assert sft(tiny_model_dir, data_file, output, "--epochs", "2", "--grad-accum", "2", "--precision", "fp32") == 0
+    lines = read_metrics(output)
+    assert [line["step"] for line in lines] == [1, 2, 3, 4]  # 8 rows / 2 per batch / 2 accumulated, twice
+    assert lines[-1]["epoch"] == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precisions_train(tiny_model_dir, data_file, tmp_path, precision):
+    output = tmp_path / precision
+    assert sft(tiny_model_dir, data_file, output, "--max-steps", "3", "--precision", precision, "--learning-rate", "1e-3") == 0
+    losses = [line["loss"] for line in read_metrics(output)]
+    assert all(loss == loss and 0 < loss < 20 for loss in losses)
+
+
+def test_gradient_checkpointing_gives_the_same_training(tiny_model_dir, data_file, tmp_path):
+    plain, checkpointed = tmp_path / "plain", tmp_path / "checkpointed"
+    common = ("--max-steps", "2", "--precision", "fp32", "--lora-dropout", "0", "--learning-rate", "1e-3")
+    assert sft(tiny_model_dir, data_file, plain, *common) == 0
+    assert sft(tiny_model_dir, data_file, checkpointed, "--gradient-checkpointing", *common) == 0
+    assert [m["loss"] for m in read_metrics(plain)] == pytest.approx([m["loss"] for m in read_metrics(checkpointed)], rel=1e-6)
+    first, second = adapter_weights(plain / "final"), adapter_weights(checkpointed / "final")
+    for key in first:
+        torch.testing.assert_close(first[key], second[key])
+
+
+def test_pt_trains_on_every_token_of_plain_text(tiny_model_dir, tmp_path):
+    corpus = write_jsonl(tmp_path / "corpus.jsonl", [{"text": f"Line {i} of a small corpus about tunesmith."} for i in range(6)])
+    output = tmp_path / "run"
+    assert run_cli("pt", "--model", tiny_model_dir, "--dataset", corpus, "--output-dir", output, "--max-steps", "2",
+                   "--batch-size", "3", "--save-steps", "0", "--precision", "fp32") == 0
+    assert (output / "final" / "adapter_model.safetensors").is_file()
+    assert all(line["loss"] > 0 for line in read_metrics(output))
+
+
+def test_resume_never_and_resume_from_a_path(tiny_model_dir, data_file, tmp_path, capsys):
+    output = tmp_path / "run"
+    common = ("--max-steps", "4", "--precision", "fp32")
+    assert run_cli("sft", "--model", tiny_model_dir, "--dataset", data_file, "--output-dir", output, "--save-steps", "2",
+                   "--batch-size", "2", *common) == 0
+    capsys.readouterr()
+    assert sft(tiny_model_dir, data_file, output, "--resume", "never", *common) == 0
+    out = capsys.readouterr().out
+    assert "resuming" not in out
+    assert [line["step"] for line in read_metrics(output)] == [1, 2, 3, 4]
+    assert sft(tiny_model_dir, data_file, output, "--resume", output / "checkpoint-2", *common) == 0
+    out = capsys.readouterr().out
+    assert "resuming from" in out and "(step 2 of 4)" in out
+    assert [line["step"] for line in read_metrics(output)] == [1, 2, 3, 4]
+    assert sft(tiny_model_dir, data_file, output, "--resume", tmp_path, *common) != 0
+    assert "--resume" in capsys.readouterr().err
