@@ -92,7 +92,9 @@ def click_options(command):
         meta = f.metadata
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if meta["flag"]:
-            decorator = click.option(flag_name(f.name), f.name, is_flag=True, default=default, help=meta["help"], show_default=True)
+            # --packing/--no-packing rather than a bare switch, so --help can show the default.
+            switch = f"{flag_name(f.name)}/--no-{f.name.replace('_', '-')}"
+            decorator = click.option(switch, f.name, default=default, help=meta["help"], show_default=True)
         else:
             decorator = click.option(
                 flag_name(f.name),
@@ -101,7 +103,7 @@ def click_options(command):
                 default=default,
                 multiple=meta["multiple"],
                 help=meta["help"],
-                show_default=True,
+                show_default="none" if meta["multiple"] and not default else True,
             )
         command = decorator(command)
     return click.option(

@@ -20,8 +20,8 @@ from tunesmith.models import DEFAULT_MODEL
 )
 @click.option("--adapter", required=True, help="peft adapter folder to merge (OUTPUT/final or OUTPUT/checkpoint-N).")
 @click.option("--output", required=True, type=click.Path(path_type=Path), help="Folder to write the merged model into.")
-@click.option("--force", is_flag=True, default=False, help="Replace --output if it exists and is not empty.")
-@click.option("--trust-remote-code", is_flag=True, default=False, help="Allow the model folder's own Python code to run.")
+@click.option("--force/--no-force", default=False, show_default=True, help="Replace --output if it exists and is not empty.")
+@click.option("--trust-remote-code/--no-trust-remote-code", default=False, show_default=True, help="Allow the model folder's own Python code to run.")
 def export_command(model, adapter, output, force, trust_remote_code):
     """Merge a LoRA/DoRA adapter into its base model; save safetensors weights and the tokenizer."""
     adapter_path = adapter_folder(adapter)

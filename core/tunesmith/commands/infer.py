@@ -28,7 +28,7 @@ EXIT_COMMAND = "/exit"
 @click.option("--top-k", default=0, type=click.IntRange(min=0), help="Sample among the k likeliest tokens; 0 is off.")
 @click.option("--repetition-penalty", default=1.0, type=click.FloatRange(min=0.0, min_open=True), help="Penalty on repeated tokens; 1.0 is off.")
 @click.option("--seed", default=None, type=int, show_default="unseeded", help="Seed for sampling, so a reply can be reproduced.")
-@click.option("--trust-remote-code", is_flag=True, default=False, help="Allow the model folder's own Python code to run.")
+@click.option("--trust-remote-code/--no-trust-remote-code", default=False, show_default=True, help="Allow the model folder's own Python code to run.")
 def infer_command(model, adapter, prompt, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, trust_remote_code):
     """Generate replies: one reply to --prompt, or an interactive chat on stdin.
 
