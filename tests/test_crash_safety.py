@@ -20,10 +20,10 @@ class PowerCut(Exception):
     """Stands for the process dying in the middle of writing a file."""
 
 
-def command(tiny_model_dir, data, output, max_steps):
+def command(tiny_model_dir, data, output, max_steps, precision="fp32"):
     return [
         "sft", "--model", str(tiny_model_dir), "--dataset", str(data), "--output-dir", str(output),
-        "--max-steps", str(max_steps), "--save-steps", "2", "--batch-size", "2", "--precision", "fp32",
+        "--max-steps", str(max_steps), "--save-steps", "2", "--batch-size", "2", "--precision", precision,
         "--learning-rate", "1e-3",
     ]
 
@@ -59,10 +59,11 @@ def test_sigkill_then_rerun_is_bit_identical(tiny_model_dir, tmp_path):
     assert_identical(adapter_weights(reference / "final"), adapter_weights(output / "final"))
 
 
-def test_crash_while_writing_a_checkpoint_resumes_from_the_previous_one(tiny_model_dir, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_crash_while_writing_a_checkpoint_resumes_from_the_previous_one(tiny_model_dir, tmp_path, monkeypatch, capsys, precision):
     data = write_jsonl(tmp_path / "train.jsonl", chat_rows(8))
     reference = tmp_path / "reference"
-    assert run_cli(*command(tiny_model_dir, data, reference, 6)) == 0
+    assert run_cli(*command(tiny_model_dir, data, reference, 6, precision)) == 0
 
     output = tmp_path / "crashed"
     real_save = torch.save
@@ -76,7 +77,7 @@ def test_crash_while_writing_a_checkpoint_resumes_from_the_previous_one(tiny_mod
 
     monkeypatch.setattr(checkpoint_module.torch, "save", crash_on_second_checkpoint)
     with pytest.raises(PowerCut):
-        run_cli(*command(tiny_model_dir, data, output, 6))
+        run_cli(*command(tiny_model_dir, data, output, 6, precision))
     monkeypatch.setattr(checkpoint_module.torch, "save", real_save)
     assert sorted(p.name for p in output.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-2"]
     # A process killed outright cannot clean up: leave the debris a SIGKILL mid-write would.
@@ -85,7 +86,7 @@ def test_crash_while_writing_a_checkpoint_resumes_from_the_previous_one(tiny_mod
     (debris / "optimizer.pt").write_bytes(b"PK\x03\x04 truncated")
 
     capsys.readouterr()
-    assert run_cli(*command(tiny_model_dir, data, output, 6)) == 0
+    assert run_cli(*command(tiny_model_dir, data, output, 6, precision)) == 0
     assert "resuming from" in capsys.readouterr().out and "checkpoint-2" in str(list(output.iterdir()))
     assert not any(p.name.startswith(".staging") for p in output.iterdir())
     assert_identical(adapter_weights(reference / "final"), adapter_weights(output / "final"))
