@@ -85,3 +85,13 @@ def test_resume_never_and_resume_from_a_path(tiny_model_dir, data_file, tmp_path
     assert [line["step"] for line in read_metrics(output)] == [1, 2, 3, 4]
     assert sft(tiny_model_dir, data_file, output, "--resume", tmp_path, *common) != 0
     assert "--resume" in capsys.readouterr().err
+
+
+def test_eval_dataset_is_evaluated_every_eval_steps(tiny_model_dir, data_file, tmp_path):
+    held_out = write_jsonl(tmp_path / "eval.jsonl", chat_rows(3))
+    output = tmp_path / "run"
+    assert sft(tiny_model_dir, data_file, output, "--max-steps", "4", "--eval-dataset", held_out, "--eval-steps", "2",
+               "--precision", "fp32") == 0
+    evaluations = [line for line in read_metrics(output) if "eval_loss" in line]
+    assert [line["step"] for line in evaluations] == [2, 4]
+    assert all(0 < line["eval_loss"] < 20 for line in evaluations)

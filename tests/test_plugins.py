@@ -122,3 +122,14 @@ def test_allow_list(extra_entry_points, monkeypatch):
     manager = create_plugin_manager()
     assert "extra-dist:extra" in manager.origins
     assert manager.collect("reward")["example-length"].distribution == "extra-dist"
+
+
+def test_plugins_command_prints_the_table(capsys):
+    from tests.helpers import run_cli
+
+    assert run_cli("plugins") == 0
+    rows = [" ".join(line.replace("│", " ").split()) for line in capsys.readouterr().out.splitlines()]
+    assert any(row.startswith("device cpu tunesmith") and " yes " in f" {row} " for row in rows), rows
+    assert any(row.startswith("trainer sft tunesmith") for row in rows)
+    assert any(row.startswith("optimizer adamw tunesmith") for row in rows)
+    assert any(row.startswith("strategy single tunesmith") for row in rows)
