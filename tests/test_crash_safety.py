@@ -3,6 +3,7 @@ uninterrupted one; a crash while a checkpoint is written falls back to the previ
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -113,3 +114,14 @@ def test_checkpoints_hold_no_pickled_code(tiny_model_dir, tmp_path):
     from transformers import AutoModelForCausalLM
 
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), output / "final")
+
+
+def test_a_half_written_metrics_line_does_not_break_resume(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", chat_rows(4))
+    output = tmp_path / "run"
+    assert run_cli(*command(tiny_model_dir, data, output, 2)) == 0
+    with open(output / "metrics.jsonl", "a") as metrics:
+        metrics.write('{"step": 3, "epoch": 1.5, "lo')  # killed mid-write
+    assert run_cli(*command(tiny_model_dir, data, output, 4)) == 0
+    lines = (output / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2, 3, 4]

@@ -17,7 +17,7 @@ class MetricsLog:
         """Drop lines logged after ``step``: a resumed run logs those steps again."""
         if not self.path.is_file():
             return
-        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines() if _step_of(line) is not None and _step_of(line) <= step]
         temporary = self.path.with_name(self.path.name + ".tmp")
         temporary.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         temporary.replace(self.path)
@@ -29,10 +29,13 @@ class MetricsLog:
             handle.flush()
             os.fsync(handle.fileno())
 
-    def read(self) -> list[dict[str, Any]]:
-        if not self.path.is_file():
-            return []
-        return [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+def _step_of(line: str) -> int | None:
+    """The step a line records; None for a line a killed process left half-written."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 def _plain(value: Any) -> Any:
