@@ -12,17 +12,19 @@ import torch
 from tunesmith.device import Device
 
 CPU_PRIORITY = 0
+CPUINFO_PATH = "/proc/cpuinfo"
+NATIVE_BF16_FLAGS = {"amx_bf16", "avx512_bf16"}
 
 
 @functools.lru_cache(maxsize=1)
 def cpu_has_native_bf16() -> bool:
     """True when the CPU computes bf16 matmuls in hardware (AMX or AVX512-BF16)."""
     try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+        with open(CPUINFO_PATH, encoding="utf-8") as cpuinfo:
             flags = set(cpuinfo.read().split())
     except OSError:
         return False
-    return bool({"amx_bf16", "avx512_bf16"} & flags)
+    return bool(NATIVE_BF16_FLAGS & flags)
 
 
 def cpu_is_available() -> bool:

@@ -1,0 +1,44 @@
+"""The built-in cpu device: --precision auto is bf16 exactly where the CPU computes bf16 natively."""
+
+from __future__ import annotations
+
+import pytest
+
+from tunesmith.devices import cpu
+from tunesmith.errors import ConfigError
+
+
+@pytest.fixture
+def cpuinfo(tmp_path, monkeypatch):
+    def write(flags: str):
+        path = tmp_path / "cpuinfo"
+        path.write_text(f"processor\t: 0\nflags\t\t: fpu sse2 avx2 {flags}\n")
+        monkeypatch.setattr(cpu, "CPUINFO_PATH", str(path))
+        cpu.cpu_has_native_bf16.cache_clear()
+
+    yield write
+    cpu.cpu_has_native_bf16.cache_clear()
+
+
+@pytest.mark.parametrize(("flags", "expected"), [("avx512_bf16", "bf16"), ("amx_bf16 amx_tile", "bf16"), ("avx512f", "fp32"), ("", "fp32")])
+def test_auto_precision_follows_the_cpu_flags(cpuinfo, flags, expected):
+    cpuinfo(flags)
+    device = cpu.CPUDevice()
+    assert device.resolve_precision("auto") == expected
+    assert device.resolve_precision("fp32") == "fp32"
+
+
+def test_no_cpuinfo_means_fp32(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu, "CPUINFO_PATH", str(tmp_path / "missing"))
+    cpu.cpu_has_native_bf16.cache_clear()
+    try:
+        assert cpu.CPUDevice().default_precision() == "fp32"
+    finally:
+        cpu.cpu_has_native_bf16.cache_clear()
+
+
+def test_unsupported_precision_names_the_option():
+    device = cpu.CPUDevice()
+    device.name = "cpu"
+    with pytest.raises(ConfigError, match="--precision fp8"):
+        device.resolve_precision("fp8")
