@@ -17,7 +17,7 @@ from tunesmith.data.collate import collate_causal
 from tunesmith.data.packing import pack, unpacked
 from tunesmith.data.tokenize import tokenize_chat, tokenize_text
 from tunesmith.data.types import IGNORE_INDEX, Sample
-from tunesmith.losses import causal_lm_loss, per_token_losses
+from tunesmith.losses import per_token_losses
 from tunesmith_trainers.sft import SFTTrainer
 
 CONVERSATIONS = [

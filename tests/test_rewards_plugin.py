@@ -10,9 +10,9 @@ REWARDS = Path(__file__).resolve().parents[1] / "plugins" / "rewards"
 sys.path[:0] = [str(REWARDS), str(REWARDS / "tests")]
 
 from test_rewards import *  # noqa: E402,F401,F403  the distribution's value tests, run by this suite too
-from tunesmith_rewards import plugin  # noqa: E402
 
 from tunesmith.plugins import create_plugin_manager  # noqa: E402
+from tunesmith_rewards import plugin  # noqa: E402
 
 
 def test_registers_its_rewards_by_dotted_path():

@@ -18,17 +18,11 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from tunesmith.checkpoint import (
-    LoopState,
-    find_resume_checkpoint,
-    load_checkpoint,
-    rotate_checkpoints,
-    save_checkpoint,
-)
-from tunesmith.atomic import remove_staging_leftovers, write_atomically
+from tunesmith.atomic import remove_staging_leftovers
+from tunesmith.checkpoint import LoopState, find_resume_checkpoint, rotate_checkpoints
 from tunesmith.config import TrainConfig, write_config
 from tunesmith.data.order import BatchOrder
-from tunesmith.data.setup import TrainingData, build_training_data
+from tunesmith.data.setup import build_training_data
 from tunesmith.data.tokenize import ensure_chat_template
 from tunesmith.device import Device
 from tunesmith.errors import TrainingError
@@ -103,7 +97,7 @@ def train(trainer_name: str, config: TrainConfig, manager: PluginManager | None 
         remove_staging_leftovers(output_dir)
     resume_from = find_resume_checkpoint(output_dir, config.resume)
     if resume_from is not None:
-        loaded = load_checkpoint(resume_from, strategy.unwrap(model), optimizer, scheduler)
+        loaded = strategy.load_checkpoint(resume_from, model, optimizer, scheduler)
         state = loaded.loop_state
         device.set_rng_state(loaded.rng_state)
         if loaded.scaler_state is not None:
@@ -114,18 +108,17 @@ def train(trainer_name: str, config: TrainConfig, manager: PluginManager | None 
         write_config(config, output_dir / "config.yaml")
 
     def save(step_state: LoopState) -> None:
-        if not strategy.is_global_zero:
-            return
-        save_checkpoint(
+        strategy.save_checkpoint(
             output_dir / f"checkpoint-{step_state.step}",
-            strategy.unwrap(model),
+            model,
             optimizer,
             scheduler,
             device.get_rng_state(),
             step_state,
             scaler.state_dict() if scaler.is_enabled() else None,
         )
-        rotate_checkpoints(output_dir, config.save_total_limit)
+        if strategy.is_global_zero:
+            rotate_checkpoints(output_dir, config.save_total_limit)
 
     progress = Progress(
         TextColumn("[bold]{task.description}"),
@@ -215,21 +208,14 @@ def train(trainer_name: str, config: TrainConfig, manager: PluginManager | None 
                 save(state)
 
     final_dir = output_dir / "final"
-    if strategy.is_global_zero:
-        write_atomically(final_dir, lambda folder: save_final(strategy.unwrap(model), tokenizer, folder))
-        say(f"done: {state.step} steps; result in {final_dir}")
-    strategy.barrier()
+    strategy.save_final(final_dir, model, tokenizer)
+    say(f"done: {state.step} steps; result in {final_dir}")
     strategy.teardown()
     return RunResult(output_dir, final_dir, state.step, device.name, precision)
 
 
 def record_epoch(state: LoopState, order: BatchOrder) -> float:
     return state.epoch + state.micro_batch / order.micro_batches_per_epoch
-
-
-def save_final(model, tokenizer, folder: Path) -> None:
-    model.save_pretrained(folder, safe_serialization=True)
-    tokenizer.save_pretrained(folder)
 
 
 def move_to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

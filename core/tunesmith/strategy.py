@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
+from pathlib import Path
 
 import torch
 
+from tunesmith.atomic import write_atomically
+from tunesmith.checkpoint import LoadedCheckpoint, load_checkpoint, save_checkpoint
 from tunesmith.device import Device
 
 
@@ -73,6 +76,27 @@ class Strategy(ABC):
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
         """The plain module inside whatever wrapper ``setup_model`` added."""
         return model
+
+    def save_checkpoint(self, folder: Path, model, optimizer, scheduler, rng_state, loop_state, scaler_state=None) -> None:
+        """Write a complete checkpoint atomically.
+
+        Every process calls this; a sharded strategy gathers (or writes its shards) here, and
+        the default writes the unwrapped model from the first process.
+        """
+        if self.is_global_zero:
+            save_checkpoint(folder, self.unwrap(model), optimizer, scheduler, rng_state, loop_state, scaler_state)
+        self.barrier()
+
+    def load_checkpoint(self, folder: Path, model, optimizer, scheduler) -> LoadedCheckpoint:
+        """Restore weights, optimizer and scheduler from ``folder``; every process calls this."""
+        return load_checkpoint(folder, self.unwrap(model), optimizer, scheduler)
+
+    def save_final(self, folder: Path, model, tokenizer) -> None:
+        """Write the trained result (peft adapter or full model, plus tokenizer) atomically."""
+        if self.is_global_zero:
+            unwrapped = self.unwrap(model)
+            write_atomically(folder, lambda staging: (unwrapped.save_pretrained(staging), tokenizer.save_pretrained(staging)))
+        self.barrier()
 
     def teardown(self) -> None:
         """Release the process group and other resources."""
