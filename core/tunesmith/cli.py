@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 
 import click
 
@@ -50,6 +51,8 @@ def cli():
 
 
 def main(argv: list[str] | None = None) -> None:
+    # peft asks transformers a deprecated question on every adapter load; nothing a user can act on.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
         cli.main(args=argv, prog_name="tunesmith", standalone_mode=False)
     except click.exceptions.Abort:
