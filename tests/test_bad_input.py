@@ -61,3 +61,17 @@ def test_missing_dataset_file_and_broken_model_are_clear(tiny_model_dir, tmp_pat
 def test_no_dataset_is_an_error(capsys):
     assert run_cli("sft") != 0
     assert "--dataset" in capsys.readouterr().err
+
+
+def test_a_conversation_opening_with_the_assistant_is_a_bad_row(tiny_model_dir, tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    opening_with_assistant = {"messages": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "x"},
+                                           {"role": "assistant", "content": "y"}]}
+    data.write_text(GOOD + "\n" + json.dumps(opening_with_assistant) + "\n")
+    output = tmp_path / "run"
+    args = ("sft", "--model", tiny_model_dir, "--dataset", data, "--output-dir", output, "--max-steps", "1", "--save-steps", "0")
+    assert run_cli(*args) != 0
+    err = capsys.readouterr().err
+    assert "data.jsonl:2" in err and "no user message before it" in err
+    assert run_cli(*args, "--skip-bad-rows") == 0
+    assert "1 bad rows skipped" in capsys.readouterr().out

@@ -109,7 +109,7 @@ def test_checkpoints_hold_no_pickled_code(tiny_model_dir, tmp_path):
         if path.suffix == ".pt":
             torch.load(path, weights_only=True)
         else:
-            assert path.suffix in {".json", ".safetensors", ".md"}, path
+            assert path.suffix in {".json", ".safetensors", ".md", ".jinja"}, path
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 

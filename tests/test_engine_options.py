@@ -69,22 +69,49 @@ def test_pt_trains_on_every_token_of_plain_text(tiny_model_dir, tmp_path):
     assert all(line["loss"] > 0 for line in read_metrics(output))
 
 
-def test_resume_never_and_resume_from_a_path(tiny_model_dir, data_file, tmp_path, capsys):
+def test_resume_choices_and_refusals(tiny_model_dir, data_file, tmp_path, capsys):
     output = tmp_path / "run"
-    common = ("--max-steps", "4", "--precision", "fp32")
+    common = ("--precision", "fp32")
     assert run_cli("sft", "--model", tiny_model_dir, "--dataset", data_file, "--output-dir", output, "--save-steps", "2",
-                   "--batch-size", "2", *common) == 0
+                   "--batch-size", "2", "--max-steps", "4", *common) == 0
     capsys.readouterr()
-    assert sft(tiny_model_dir, data_file, output, "--resume", "never", *common) == 0
-    out = capsys.readouterr().out
-    assert "resuming" not in out
-    assert [line["step"] for line in read_metrics(output)] == [1, 2, 3, 4]
-    assert sft(tiny_model_dir, data_file, output, "--resume", output / "checkpoint-2", *common) == 0
+
+    # A path picks the checkpoint; metrics after it are logged again, not duplicated.
+    assert sft(tiny_model_dir, data_file, output, "--resume", output / "checkpoint-2", "--max-steps", "4", *common) == 0
     out = capsys.readouterr().out
     assert "resuming from" in out and "(step 2 of 4)" in out
     assert [line["step"] for line in read_metrics(output)] == [1, 2, 3, 4]
+
+    # Starting afresh over old checkpoints would mix two runs: refused, nothing deleted.
+    assert sft(tiny_model_dir, data_file, output, "--resume", "never", "--max-steps", "4", *common) != 0
+    assert "--resume never" in capsys.readouterr().err
+    assert (output / "checkpoint-4").is_dir()
+
+    # A checkpoint past this run's end, or from a run with other options, is refused before loading.
+    assert sft(tiny_model_dir, data_file, output, "--max-steps", "2", *common) != 0
+    assert "past this run's 2 steps" in capsys.readouterr().err
+    assert sft(tiny_model_dir, data_file, output, "--max-steps", "6", "--lora-rank", "4", *common) != 0
+    err = capsys.readouterr().err
+    assert "lora_rank: 8 in the checkpoint, 4 now" in err
+    assert sft(tiny_model_dir, data_file, output, "--max-steps", "6", "--adapter", "full", *common) != 0
+    assert "adapter: 'lora' in the checkpoint, 'full' now" in capsys.readouterr().err
+
     assert sft(tiny_model_dir, data_file, output, "--resume", tmp_path, *common) != 0
     assert "--resume" in capsys.readouterr().err
+
+    fresh = tmp_path / "fresh"
+    assert sft(tiny_model_dir, data_file, fresh, "--resume", "never", "--max-steps", "1", *common) == 0
+
+
+def test_a_longer_run_continues_on_its_own_schedule(tiny_model_dir, data_file, tmp_path):
+    output = tmp_path / "run"
+    common = ("--precision", "fp32", "--lr-scheduler", "linear", "--learning-rate", "1e-3")
+    assert run_cli("sft", "--model", tiny_model_dir, "--dataset", data_file, "--output-dir", output, "--save-steps", "4",
+                   "--batch-size", "2", "--max-steps", "4", *common) == 0
+    assert sft(tiny_model_dir, data_file, output, "--max-steps", "8", *common) == 0
+    rates = [line["learning_rate"] for line in read_metrics(output)]
+    # Step 5 of 8 on a linear decay from 1e-3: 1e-3 * (8 - 4) / 8, not the 0 the 4-step run ended on.
+    assert rates[4] == pytest.approx(5e-4)
 
 
 def test_eval_dataset_is_evaluated_every_eval_steps(tiny_model_dir, data_file, tmp_path):

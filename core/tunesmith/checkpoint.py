@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,8 @@ class LoopState:
     num_tokens: int = 0
     skipped_steps: int = 0
     bad_steps_in_a_row: int = 0
+    #: the options that must not change between a checkpoint and the run resuming it
+    run_identity: dict[str, Any] = field(default_factory=dict)
 
 
 def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
@@ -51,6 +53,12 @@ def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
 
 def find_resume_checkpoint(output_dir: Path, resume: str) -> Path | None:
     if resume == "never":
+        existing = [path.name for _, path in list_checkpoints(output_dir)]
+        if existing:
+            raise ConfigError(
+                f"--resume never: {output_dir} already holds {', '.join(existing)} from an earlier run; a fresh run "
+                "there would mix its checkpoints with them. Use another --output-dir, or delete those folders"
+            )
         return None
     if resume == "auto":
         checkpoints = list_checkpoints(output_dir)
@@ -80,9 +88,12 @@ def save_checkpoint(
     rng_state: dict[str, Any],
     loop_state: LoopState,
     scaler_state: dict[str, Any] | None = None,
+    tokenizer=None,
 ) -> None:
     def write(folder: Path) -> None:
         model.save_pretrained(folder, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(folder)
         torch.save(optimizer.state_dict(), folder / "optimizer.pt")
         (folder / "scheduler.json").write_text(json.dumps(scheduler.state_dict()), encoding="utf-8")
         torch.save(rng_state, folder / "rng_state.pt")
@@ -107,8 +118,11 @@ def load_checkpoint(folder: Path, model, optimizer: torch.optim.Optimizer, sched
     rng_state = torch.load(folder / "rng_state.pt", weights_only=True)
     scaler_path = folder / "scaler.pt"
     scaler_state = torch.load(scaler_path, weights_only=True) if scaler_path.is_file() else None
-    loop_state = LoopState(**json.loads((folder / STATE_FILE).read_text(encoding="utf-8")))
-    return LoadedCheckpoint(loop_state, rng_state, scaler_state)
+    return LoadedCheckpoint(read_loop_state(folder), rng_state, scaler_state)
+
+
+def read_loop_state(folder: Path) -> LoopState:
+    return LoopState(**json.loads((folder / STATE_FILE).read_text(encoding="utf-8")))
 
 
 def load_trainable_weights(folder: Path, model) -> None:

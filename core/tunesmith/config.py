@@ -125,6 +125,11 @@ def resolve_config(ctx: click.Context, values: dict[str, Any], config_file: Path
     config = TrainConfig(**resolved)
     if not config.dataset:
         raise ConfigError("no training data: pass --dataset PATH (or a dataset key in --config)")
+    if config.eval_dataset and config.val_split > 0:
+        raise ConfigError("--eval-dataset and --val-split both choose evaluation data; give one of them")
+    if Path(config.model).expanduser().is_dir():
+        # Recorded in OUTPUT/config.yaml, where infer and export find it from any directory.
+        config.model = str(Path(config.model).expanduser().resolve())
     return config
 
 
@@ -145,10 +150,18 @@ def load_config_file(path: Path) -> dict[str, Any]:
 
 def cast_value(ctx: click.Context, path: Path, key: str, raw: Any) -> Any:
     param = next(p for p in ctx.command.params if p.name == key)
-    if FIELDS[key].metadata["multiple"] and not isinstance(raw, list):
+    meta = FIELDS[key].metadata
+    if raw is None:
+        raise ConfigError(f"{path}: key {key!r}: expected a value, got nothing (null)")
+    if meta["multiple"] and not isinstance(raw, list):
         raw = [raw]
-    if FIELDS[key].metadata["flag"] and not isinstance(raw, bool):
-        raise ConfigError(f"{path}: key {key!r}: expected true or false, got {raw!r}")
+    if not meta["multiple"] and isinstance(raw, (list, dict)):
+        raise ConfigError(f"{path}: key {key!r}: expected a single value, got {type(raw).__name__} {raw!r}")
+    if meta["flag"] != isinstance(raw, bool):
+        expected = "true or false" if meta["flag"] else "a value that is not true/false"
+        raise ConfigError(f"{path}: key {key!r}: expected {expected}, got {raw!r}")
+    if isinstance(param.type, click.types.IntParamType) and isinstance(raw, float) and not raw.is_integer():
+        raise ConfigError(f"{path}: key {key!r}: expected a whole number, got {raw!r}")
     try:
         return param.type_cast_value(ctx, raw)
     except click.BadParameter as error:

@@ -19,13 +19,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from tunesmith.atomic import remove_staging_leftovers
-from tunesmith.checkpoint import LoopState, find_resume_checkpoint, rotate_checkpoints
+from tunesmith.checkpoint import LoopState, find_resume_checkpoint, read_loop_state, rotate_checkpoints
 from tunesmith.config import TrainConfig, write_config
 from tunesmith.data.order import BatchOrder
 from tunesmith.data.setup import build_training_data
 from tunesmith.data.tokenize import ensure_chat_template
 from tunesmith.device import Device
-from tunesmith.errors import TrainingError
+from tunesmith.errors import ConfigError, TrainingError
 from tunesmith.metrics import MetricsLog
 from tunesmith.models import apply_adapter, load_model, load_tokenizer, resolve_model
 from tunesmith.optimization import build_scheduler, parameter_groups, warmup_steps
@@ -47,6 +47,8 @@ def train(trainer_name: str, config: TrainConfig, manager: PluginManager | None 
     manager = manager or create_plugin_manager()
     console = console or Console()
     output_dir = Path(config.output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ConfigError(f"--output-dir {output_dir}: exists and is not a folder")
 
     # Hardware: the device plugin and the parallel strategy.
     choice = manager.select_device(config.device)
@@ -61,7 +63,7 @@ def train(trainer_name: str, config: TrainConfig, manager: PluginManager | None 
         if strategy.is_global_zero:  # plain log lines: no wrapping, no markup in user paths
             console.print(message, soft_wrap=True, markup=False, highlight=False)
 
-    say(f"device: {device.name} ({choice.reason}); precision: {precision}; strategy: {config.strategy}")
+    say(f"device: {device.describe()}, {choice.reason}; precision: {precision}; strategy: {config.strategy}")
     device.seed(config.seed)
 
     # Model, tokenizer and data.
@@ -95,14 +97,21 @@ def train(trainer_name: str, config: TrainConfig, manager: PluginManager | None 
     state = LoopState()
     if strategy.is_global_zero:
         remove_staging_leftovers(output_dir)
+    identity = run_identity(trainer_name, config)
     resume_from = find_resume_checkpoint(output_dir, config.resume)
     if resume_from is not None:
+        check_resumable(resume_from, identity, total_steps)
         loaded = strategy.load_checkpoint(resume_from, model, optimizer, scheduler)
         state = loaded.loop_state
         device.set_rng_state(loaded.rng_state)
         if loaded.scaler_state is not None:
             scaler.load_state_dict(loaded.scaler_state)
+        # The restored optimizer carries the rate of the checkpoint's schedule; a longer run
+        # (a larger --max-steps) continues on this run's schedule instead.
+        for group, base_rate, rate_at in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base_rate * rate_at(scheduler.last_epoch)
         say(f"resuming from {resume_from} (step {state.step} of {total_steps})")
+    state.run_identity = identity
     if strategy.is_global_zero:
         metrics.truncate_after(state.step)
         write_config(config, output_dir / "config.yaml")
@@ -116,6 +125,7 @@ def train(trainer_name: str, config: TrainConfig, manager: PluginManager | None 
             device.get_rng_state(),
             step_state,
             scaler.state_dict() if scaler.is_enabled() else None,
+            tokenizer,
         )
         if strategy.is_global_zero:
             rotate_checkpoints(output_dir, config.save_total_limit)
@@ -136,6 +146,8 @@ def train(trainer_name: str, config: TrainConfig, manager: PluginManager | None 
             # One optimizer step over --grad-accum micro-batches, normalised by every item in the step.
             micro_batches = []
             for _ in range(config.grad_accum):
+                if not config.max_steps and state.epoch >= config.epochs:
+                    break  # training by epochs: the last step ends where the data does
                 rows = [data.train_rows[i] for i in order.indices(state.epoch, state.micro_batch)]
                 micro_batches.append(trainer.collate(rows))
                 state.epoch, state.micro_batch = order.advance(state.epoch, state.micro_batch)
@@ -156,13 +168,16 @@ def train(trainer_name: str, config: TrainConfig, manager: PluginManager | None 
             scaler.unscale_(optimizer)
             grad_norm = float(strategy.clip_grad_norm(model.parameters(), config.max_grad_norm))
             state.step += 1
-            if math.isfinite(loss) and (math.isfinite(grad_norm) or scaler.is_enabled()):
-                scaler.step(optimizer) if scaler.is_enabled() else strategy.optimizer_step(optimizer)
-                scaler.update()
+            if math.isfinite(loss) and math.isfinite(grad_norm):
+                strategy.optimizer_step(optimizer, scaler)
                 state.bad_steps_in_a_row = 0
             else:
                 state.skipped_steps += 1
-                state.bad_steps_in_a_row += 1
+                # An fp16 overflow with a finite loss only means the loss scale was too high;
+                # the scaler lowers it below. Anything else is a real non-finite step.
+                if not (scaler.is_enabled() and math.isfinite(loss)):
+                    state.bad_steps_in_a_row += 1
+            scaler.update()
             optimizer.zero_grad(set_to_none=True)
             step_learning_rate = optimizer.param_groups[0]["lr"]
             scheduler.step()
@@ -189,6 +204,7 @@ def train(trainer_name: str, config: TrainConfig, manager: PluginManager | None 
                     "num_tokens": state.num_tokens,
                     "tokens_per_second": tokens_per_second,
                     "skipped_steps": state.skipped_steps,
+                    "memory_peak_bytes": device.memory_stats().get("peak"),
                     "device": device.name,
                     **logged,
                 }
@@ -212,6 +228,39 @@ def train(trainer_name: str, config: TrainConfig, manager: PluginManager | None 
     say(f"done: {state.step} steps; result in {final_dir}")
     strategy.teardown()
     return RunResult(output_dir, final_dir, state.step, device.name, precision)
+
+
+#: options a checkpoint can only be resumed with unchanged: they shape the weights and optimizer
+#: state, or decide which rows each step sees.
+RESUME_INVARIANTS = (
+    "model", "adapter", "lora_rank", "lora_alpha", "target_modules", "optimizer",
+    "dataset", "batch_size", "grad_accum", "packing", "max_length", "seed",
+)
+
+
+def run_identity(trainer_name: str, config: TrainConfig) -> dict[str, Any]:
+    options = config.to_dict()
+    return {"trainer": trainer_name, **{key: options[key] for key in RESUME_INVARIANTS}}
+
+
+def check_resumable(checkpoint: Path, identity: dict[str, Any], total_steps: int) -> None:
+    """Refuse to resume a checkpoint written by a different run, or one past this run's end."""
+    saved = read_loop_state(checkpoint)
+    changed = [
+        f"{key}: {saved.run_identity[key]!r} in the checkpoint, {identity[key]!r} now"
+        for key in identity
+        if key in saved.run_identity and saved.run_identity[key] != identity[key]
+    ]
+    if changed:
+        raise ConfigError(
+            f"{checkpoint} was written by a run with other options ({'; '.join(changed)}); "
+            "use the same options, or another --output-dir to start afresh"
+        )
+    if saved.step > total_steps:
+        raise ConfigError(
+            f"{checkpoint} is at step {saved.step}, past this run's {total_steps} steps; "
+            "raise --max-steps or --epochs, or use another --output-dir to start afresh"
+        )
 
 
 def record_epoch(state: LoopState, order: BatchOrder) -> float:

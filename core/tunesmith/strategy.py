@@ -59,8 +59,12 @@ class Strategy(ABC):
             return torch.nn.utils.clip_grad_norm_(parameters, max_norm)
         return torch.nn.utils.clip_grad_norm_(parameters, float("inf"))
 
-    def optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        optimizer.step()
+    def optimizer_step(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler | None = None) -> None:
+        """Apply the gradients; with an enabled fp16 ``scaler`` the step goes through it."""
+        if scaler is not None and scaler.is_enabled():
+            scaler.step(optimizer)
+        else:
+            optimizer.step()
 
     def no_sync(self, model: torch.nn.Module, enabled: bool):
         """Skip gradient synchronisation for accumulation micro-batches that are not the last."""
@@ -77,14 +81,16 @@ class Strategy(ABC):
         """The plain module inside whatever wrapper ``setup_model`` added."""
         return model
 
-    def save_checkpoint(self, folder: Path, model, optimizer, scheduler, rng_state, loop_state, scaler_state=None) -> None:
+    def save_checkpoint(
+        self, folder: Path, model, optimizer, scheduler, rng_state, loop_state, scaler_state=None, tokenizer=None
+    ) -> None:
         """Write a complete checkpoint atomically.
 
         Every process calls this; a sharded strategy gathers (or writes its shards) here, and
         the default writes the unwrapped model from the first process.
         """
         if self.is_global_zero:
-            save_checkpoint(folder, self.unwrap(model), optimizer, scheduler, rng_state, loop_state, scaler_state)
+            save_checkpoint(folder, self.unwrap(model), optimizer, scheduler, rng_state, loop_state, scaler_state, tokenizer)
         self.barrier()
 
     def load_checkpoint(self, folder: Path, model, optimizer, scheduler) -> LoadedCheckpoint:

@@ -43,6 +43,11 @@ def render_chat(tokenizer, messages: list[dict[str, str]]) -> tuple[str, list[tu
     for index, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
+        if not any(earlier["role"] == "user" for earlier in messages[:index]):
+            raise DataError(
+                f"message {index} is an assistant turn with no user message before it; "
+                "a conversation must open with a user (or system then user) message"
+            )
         prompt = _render(tokenizer, messages[:index], generation_prompt=True)
         through_turn = _render(tokenizer, messages[: index + 1], generation_prompt=False)
         if not (through_turn.startswith(prompt) and text.startswith(through_turn)):
@@ -93,5 +98,5 @@ def tokenize_text(tokenizer, text: str, columns: dict[str, Any] | None = None) -
 def _render(tokenizer, messages: list[dict[str, str]], generation_prompt: bool) -> str:
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-    except TemplateError as error:
+    except (TemplateError, ValueError) as error:
         raise DataError(f"the chat template rejected the conversation: {error}") from None
