@@ -80,7 +80,8 @@ def check_sft(expected_device: str, workdir: Path, model_dir: Path) -> None:
     assert f"device: {expected_device} " in output, output
     assert {line["device"] for line in read_metrics(output_dir)} == {expected_device}
     if expected_device == "fake":
-        assert {"setup", "seed", "autocast"} <= set(log.read_text().split())
+        assert {"setup", "seed", "autocast", "memory_stats"} <= set(log.read_text().split())
+        assert {line["memory_peak_bytes"] for line in read_metrics(output_dir)} == {64 * 2**20}  # simulated
 
 
 #: each check(expected_device, workdir, model_dir) runs before install, while installed and after uninstall

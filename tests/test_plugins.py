@@ -133,3 +133,43 @@ def test_plugins_command_prints_the_table(capsys):
     assert any(row.startswith("trainer sft tunesmith") for row in rows)
     assert any(row.startswith("optimizer adamw tunesmith") for row in rows)
     assert any(row.startswith("strategy single tunesmith") for row in rows)
+
+
+class RaisingPlugin:
+    @hookimpl
+    def tunesmith_register_rewards(self):
+        raise RuntimeError("boom")
+
+
+class WrongRecordPlugin:
+    @hookimpl
+    def tunesmith_register_trainers(self):
+        return ["not a record"]
+
+
+def test_a_misbehaving_hook_is_reported_and_skipped():
+    manager = create_plugin_manager()
+    manager.register(RaisingPlugin(), "raising", distribution="raising-dist")
+    manager.register(WrongRecordPlugin(), "wrong", distribution="wrong-dist")
+    with pytest.warns(PluginLoadWarning, match="raising.*raising-dist.*boom"):
+        assert manager.collect("reward") == {}
+    with pytest.warns(PluginLoadWarning, match="wrong.*not a TrainerSpec"):
+        assert set(manager.collect("trainer")) >= {"sft", "pt"}
+    assert {failure[1] for failure in manager.failures} == {"raising-dist", "wrong-dist"}
+
+
+def test_a_misspelled_hook_drops_only_that_plugin(extra_entry_points, monkeypatch):
+    monkeypatch.setenv("TUNESMITH_PLUGINS", "typo-dist")
+    extra_entry_points(fake_entry_point("typo", "tests.misspelled_plugin", "typo-dist"))
+    with pytest.warns(PluginLoadWarning, match="typo-dist.*unknown hook"):
+        manager = create_plugin_manager()
+    assert "sft" in manager.collect("trainer")
+    assert not any("typo" in name for name in manager.origins if manager.pm.has_plugin(name))
+
+
+def test_an_unimportable_class_names_its_plugin():
+    from tunesmith.records import Registered
+
+    spec = DeviceSpec(name="ghost", device="no_such_module:Nope", probe=lambda: True, priority=99)
+    with pytest.raises(PluginError, match="ghost.*ghost-dist.*could not be imported"):
+        Registered(spec, "ghost-plugin", "ghost-dist", "1.0").load()

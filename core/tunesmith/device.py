@@ -19,7 +19,7 @@ PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch
 
 
 class Device(ABC):
-    #: registered name (``cpu``, ``cuda``, ``fake`` ...), set by the registry
+    #: registered name (``cpu``, ``cuda``, ``fake`` ...), set by :func:`tunesmith.plugins.build_device`
     name: str = ""
     #: torch device type (``"cpu"``, ``"cuda"``, ``"npu"``, ``"mps"``)
     type: str = "cpu"
@@ -83,7 +83,7 @@ class Device(ABC):
         torch.set_rng_state(state["torch"])
 
     def describe(self) -> str:
-        """One line for ``tunesmith env`` and the run log."""
+        """One line for the run log."""
         return f"{self.name} ({self.type}, {self.device_count()} device(s), backend {self.distributed_backend})"
 
 

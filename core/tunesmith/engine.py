@@ -53,11 +53,11 @@ def train(trainer_name: str, config: TrainConfig, manager: PluginManager | None 
     # Hardware: the device plugin and the parallel strategy.
     choice = manager.select_device(config.device)
     device: Device = build_device(choice.candidate.registered)
-    strategy: Strategy = manager.get("strategy", config.strategy).spec.load()(device)
+    strategy: Strategy = manager.get("strategy", config.strategy).load()(device)
     strategy.setup_environment()
     precision = device.resolve_precision(config.precision)
-    build_optimizer = manager.get("optimizer", config.optimizer).spec.load()
-    trainer_class = manager.get("trainer", trainer_name).spec.load()
+    build_optimizer = manager.get("optimizer", config.optimizer).load()
+    trainer_class = manager.get("trainer", trainer_name).load()
 
     def say(message: str) -> None:
         if strategy.is_global_zero:  # plain log lines: no wrapping, no markup in user paths

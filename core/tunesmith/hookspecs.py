@@ -23,6 +23,7 @@ from tunesmith.hooks import hookspec
 if TYPE_CHECKING:
     from tunesmith.records import (
         DeviceCandidate,
+        DeviceChoice,
         DeviceSpec,
         OptimizerSpec,
         RewardSpec,
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 def tunesmith_register_devices() -> Iterable[DeviceSpec] | None:
     """Register hardware families this plugin can drive.
 
-    Called once per process when the plugin manager is built. Return :class:`DeviceSpec`
+    Called once per plugin manager (each process builds its own). Return :class:`DeviceSpec`
     records. The ``device`` class is given as a dotted path ``"package.module:Class"`` so that
     heavy imports (``torch_npu``) happen only when the device is chosen; ``probe`` must be
     cheap and must not initialise the hardware.
@@ -89,12 +90,13 @@ def tunesmith_register_rewards() -> Iterable[RewardSpec] | None:
 
 
 @hookspec(firstresult=True)
-def tunesmith_select_device(requested: str, candidates: list[DeviceCandidate]) -> DeviceCandidate | None:
+def tunesmith_select_device(requested: str, candidates: list[DeviceCandidate]) -> DeviceChoice | DeviceCandidate | None:
     """Choose the device to run on.
 
     ``requested`` is the value of ``--device`` (``"auto"`` or a name); ``candidates`` lists
     every registered device with its probe result, highest priority first. The first
-    implementation returning a candidate decides; return ``None`` to let the next one decide.
+    implementation returning a :class:`DeviceChoice` (or a bare candidate, which is wrapped
+    in one) decides; return ``None`` to let the next one decide.
     The built-in policy runs last: an explicit name must exist and be available, ``auto``
     takes the highest-priority available device and refuses a tie.
     """

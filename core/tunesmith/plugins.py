@@ -22,7 +22,16 @@ import pluggy
 from tunesmith import hookspecs
 from tunesmith.errors import PluginError
 from tunesmith.hooks import PROJECT_NAME
-from tunesmith.records import DeviceCandidate, DeviceChoice, Registered
+from tunesmith.records import (
+    DeviceCandidate,
+    DeviceChoice,
+    DeviceSpec,
+    OptimizerSpec,
+    Registered,
+    RewardSpec,
+    StrategySpec,
+    TrainerSpec,
+)
 
 ENTRY_POINT_GROUP = "tunesmith"
 ALLOW_LIST_VARIABLE = "TUNESMITH_PLUGINS"
@@ -36,6 +45,13 @@ KINDS = {
     "trainer": "tunesmith_register_trainers",
     "optimizer": "tunesmith_register_optimizers",
     "reward": "tunesmith_register_rewards",
+}
+RECORD_TYPES = {
+    "device": DeviceSpec,
+    "strategy": StrategySpec,
+    "trainer": TrainerSpec,
+    "optimizer": OptimizerSpec,
+    "reward": RewardSpec,
 }
 
 
@@ -63,6 +79,7 @@ class PluginManager:
     pm: pluggy.PluginManager
     origins: dict[str, tuple[str, str]] = field(default_factory=dict)
     failures: list[tuple[str, str, str]] = field(default_factory=list)
+    _collected: dict[str, dict[str, Registered]] = field(default_factory=dict)
 
     @property
     def hook(self):
@@ -71,10 +88,22 @@ class PluginManager:
     def register(self, plugin, name: str, distribution: str = "<local>", version: str = "") -> None:
         self.pm.register(plugin, name=name)
         self.origins[name] = (distribution, version)
+        self._collected.clear()
 
     def unregister(self, name: str) -> None:
         self.pm.unregister(name=name)
         self.origins.pop(name, None)
+        self._collected.clear()
+
+    def _skip(self, plugin_name: str, what: str, error: object) -> None:
+        """Report a misbehaving plugin once, by name and distribution, and carry on without it."""
+        distribution = self.origins.get(plugin_name, ("<local>", ""))[0]
+        self.failures.append((plugin_name, distribution, str(error)))
+        warnings.warn(
+            f"tunesmith plugin {plugin_name!r} (distribution {distribution!r}) {what} and was skipped: {error}",
+            PluginLoadWarning,
+            stacklevel=3,
+        )
 
     def load_entry_points(self) -> None:
         allowed = allowed_plugin_names()
@@ -93,23 +122,51 @@ class PluginManager:
                 plugin = entry_point.load()
                 self.register(plugin, plugin_name, distribution, version)
             except Exception as error:  # a broken plugin must not break the others
-                self.failures.append((plugin_name, distribution, repr(error)))
-                warnings.warn(
-                    f"tunesmith plugin {entry_point.name!r} from distribution {distribution!r} "
-                    f"failed to load and was skipped: {error!r}",
-                    PluginLoadWarning,
-                    stacklevel=2,
-                )
-        self.pm.check_pending()
+                self.origins[plugin_name] = (distribution, version)
+                self._skip(plugin_name, "failed to load", repr(error))
+        self._drop_unknown_hooks()
+
+    def _drop_unknown_hooks(self) -> None:
+        """Unregister plugins implementing hooks no spec declares (a misspelled hook name)."""
+        while True:
+            try:
+                self.pm.check_pending()
+                return
+            except pluggy.PluginValidationError as error:
+                plugin_name = self.pm.get_name(error.plugin)
+                self.pm.unregister(error.plugin)
+                self._collected.clear()
+                self._skip(plugin_name, "implements an unknown hook", error)
 
     def collect(self, kind: str) -> dict[str, Registered]:
-        """Every record of ``kind`` by name; a duplicate name is an error naming both sources."""
+        """Every record of ``kind`` by name; a duplicate name is an error naming both sources.
+
+        Each registration hook runs once per manager (the result is kept until a plugin is
+        registered or unregistered). A hook that raises or returns something other than
+        records is reported and skipped.
+        """
+        if kind not in self._collected:
+            self._collected[kind] = self._collect(kind)
+        return self._collected[kind]
+
+    def _collect(self, kind: str) -> dict[str, Registered]:
         hook_caller = getattr(self.pm.hook, KINDS[kind])
+        record_type = RECORD_TYPES[kind]
         found: dict[str, Registered] = {}
+        # Called one implementation at a time, so each record is attributed to its plugin.
         for impl in reversed(hook_caller.get_hookimpls()):
             plugin_name = self.pm.get_name(impl.plugin)
             distribution, version = self.origins.get(plugin_name, ("<local>", ""))
-            for spec in impl.function() or ():
+            try:
+                specs = list(impl.function() or ())
+            except Exception as error:
+                self._skip(plugin_name, f"raised in {KINDS[kind]}", repr(error))
+                continue
+            wrong = [spec for spec in specs if not isinstance(spec, record_type)]
+            if wrong:
+                self._skip(plugin_name, f"returned {wrong[0]!r} from {KINDS[kind]}, not a {record_type.__name__}", "")
+                continue
+            for spec in specs:
                 registered = Registered(spec, plugin_name, distribution, version)
                 if spec.name in found:
                     first = found[spec.name]
@@ -153,7 +210,7 @@ class PluginManager:
 
 def build_device(registered: Registered):
     """Instantiate a registered device class, named as it was registered."""
-    device = registered.spec.load()()
+    device = registered.load()()
     device.name = registered.spec.name
     return device
 

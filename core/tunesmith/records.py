@@ -129,6 +129,16 @@ class Registered:
     distribution: str
     version: str
 
+    def load(self) -> Any:
+        """The record's class or function, imported now; an import failure names the plugin."""
+        try:
+            return self.spec.load()
+        except Exception as error:
+            raise PluginError(
+                f"{self.spec.name!r} from plugin {self.plugin} (distribution {self.distribution}) "
+                f"could not be imported: {error!r}"
+            ) from error
+
 
 @dataclass(frozen=True)
 class DeviceCandidate:

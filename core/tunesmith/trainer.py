@@ -28,7 +28,7 @@ class LossOutput:
 
 
 class Trainer(ABC):
-    #: registered name, set by the registry
+    #: registered name, set by the engine when it builds the trainer
     name: str = ""
 
     def __init__(self, tokenizer, config: Any = None):
