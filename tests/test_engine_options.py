@@ -122,3 +122,64 @@ def test_eval_dataset_is_evaluated_every_eval_steps(tiny_model_dir, data_file, t
     evaluations = [line for line in read_metrics(output) if "eval_loss" in line]
     assert [line["step"] for line in evaluations] == [2, 4]
     assert all(0 < line["eval_loss"] < 20 for line in evaluations)
+
+
+def test_max_grad_norm_clips_the_update(tiny_model_dir, data_file, tmp_path):
+    """One plain SGD step moves the weights by exactly lr * gradient: clipped to the norm asked for."""
+    from safetensors.torch import load_file
+
+    initial = load_file(tiny_model_dir / "model.safetensors")
+    moved = {}
+    for clip in ("0", "0.001"):
+        output = tmp_path / f"clip-{clip}"
+        assert sft(tiny_model_dir, data_file, output, "--adapter", "full", "--optimizer", "sgd", "--learning-rate", "1",
+                   "--max-grad-norm", clip, "--max-steps", "1", "--batch-size", "8", "--precision", "fp32") == 0
+        final = load_file(output / "final" / "model.safetensors")
+        delta = torch.sqrt(sum(((final[key] - initial[key]).double() ** 2).sum() for key in final))
+        moved[clip] = (float(delta), read_metrics(output)[0]["grad_norm"])
+    unclipped_delta, grad_norm = moved["0"]
+    assert unclipped_delta == pytest.approx(grad_norm, rel=1e-3)
+    clipped_delta, same_grad_norm = moved["0.001"]
+    assert same_grad_norm == pytest.approx(grad_norm) and grad_norm > 0.01  # the log shows the norm before clipping
+    assert clipped_delta == pytest.approx(0.001, rel=1e-3)
+
+
+def test_weight_decay_skips_norms_biases_and_embeddings(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from tunesmith.optimization import parameter_groups
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed, undecayed = parameter_groups(model, weight_decay=0.1)
+    assert decayed["weight_decay"] == 0.1 and undecayed["weight_decay"] == 0.0
+    decayed_names = {names[id(p)] for p in decayed["params"]}
+    undecayed_names = {names[id(p)] for p in undecayed["params"]}
+    assert all(name.endswith("proj.weight") for name in decayed_names)
+    assert "model.embed_tokens.weight" in undecayed_names
+    assert all("norm" in name or "embed" in name for name in undecayed_names)
+
+
+def test_dora_and_target_modules_reach_the_adapter(tiny_model_dir, data_file, tmp_path):
+    import json
+
+    output = tmp_path / "run"
+    assert sft(tiny_model_dir, data_file, output, "--adapter", "dora", "--target-modules", "q_proj,v_proj",
+               "--lora-rank", "4", "--max-steps", "1", "--precision", "fp32") == 0
+    adapter_config = json.loads((output / "final" / "adapter_config.json").read_text())
+    assert adapter_config["use_dora"] is True and adapter_config["r"] == 4
+    assert set(adapter_config["target_modules"]) == {"q_proj", "v_proj"}
+    weights = adapter_weights(output / "final")
+    assert any("lora_magnitude_vector" in key for key in weights)
+    assert not any("k_proj" in key or "mlp" in key for key in weights)
+
+
+def test_the_last_epoch_ends_with_the_data(tiny_model_dir, data_file, tmp_path):
+    output = tmp_path / "run"
+    # 8 rows in micro-batches of 3 give 3 micro-batches; two per step leaves one for the second step.
+    assert sft(tiny_model_dir, data_file, output, "--batch-size", "3", "--grad-accum", "2", "--epochs", "1", "--precision", "fp32") == 0
+    lines = read_metrics(output)
+    assert [line["step"] for line in lines] == [1, 2]
+    assert lines[-1]["epoch"] == pytest.approx(1.0)
+    first_step_tokens = lines[0]["num_tokens"]
+    assert lines[1]["num_tokens"] - first_step_tokens < first_step_tokens  # the second step saw fewer rows

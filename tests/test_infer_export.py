@@ -101,9 +101,15 @@ def test_infer_prompt_prints_the_reply(lora_adapter, tiny_model_dir, capsys):
     captured = capsys.readouterr()
     assert f"base model: {tiny_model_dir}" in captured.err
 
-    model, tokenizer = load_for_inference(str(tiny_model_dir), str(lora_adapter))
+    # The expectation is built without tunesmith's loader: plain transformers plus peft.
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}]
-    expected = generate_reply(model, tokenizer, messages, GenerationOptions(max_new_tokens=10))
+    options = GenerationOptions(max_new_tokens=10)
+    base_reply = generate_reply(base, tokenizer, messages, options)
+    adapted = PeftModel.from_pretrained(base, lora_adapter).eval()
+    expected = generate_reply(adapted, tokenizer, messages, options)
+    assert expected != base_reply, "the adapter must change the reply for this test to mean anything"
     assert captured.out == expected + "\n"
 
 

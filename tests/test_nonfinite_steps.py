@@ -35,13 +35,13 @@ class PoisonPlugin:
         return [TrainerSpec(name="poisoned", trainer=PoisonedSFT)]
 
 
-def run(tmp_path, tiny_model_dir, poisoned, **options):
+def run(tmp_path, tiny_model_dir, poisoned, precision="fp32", **options):
     PoisonedSFT.poisoned_steps, PoisonedSFT.calls = set(poisoned), 0
     manager = create_plugin_manager()
     manager.register(PoisonPlugin(), "poison")
     data = write_jsonl(tmp_path / "train.jsonl", chat_rows(4))
     config = TrainConfig(model=str(tiny_model_dir), dataset=(str(data),), output_dir=str(tmp_path / "run"),
-                         precision="fp32", batch_size=4, save_steps=1, lora_dropout=0.0, **options)
+                         precision=precision, batch_size=4, save_steps=1, lora_dropout=0.0, **options)
     return train("poisoned", config, manager=manager)
 
 
@@ -63,3 +63,47 @@ def test_too_many_bad_steps_in_a_row_stop_the_run(tmp_path, tiny_model_dir):
     good = adapter_weights(output / "checkpoint-1")
     last = adapter_weights(output / "checkpoint-3")
     assert all(torch.equal(good[key], last[key]) for key in good)
+
+
+class PoisonedGradientSFT(SFTTrainer):
+    """A finite loss whose gradient is NaN on the listed steps: sqrt has an infinite slope at 0."""
+
+    poisoned_steps: set[int] = set()
+    calls = 0
+
+    def compute_loss(self, model, batch):
+        PoisonedGradientSFT.calls += 1
+        output = super().compute_loss(model, batch)
+        if PoisonedGradientSFT.calls in self.poisoned_steps:
+            anchor = next(p for p in model.parameters() if p.requires_grad)
+            output.loss = output.loss + torch.sqrt(anchor.sum() * 0)
+        return output
+
+
+class GradientPoisonPlugin:
+    @hookimpl
+    def tunesmith_register_trainers(self):
+        return [TrainerSpec(name="poisoned-gradient", trainer=PoisonedGradientSFT)]
+
+
+def test_a_finite_loss_with_a_nan_gradient_is_skipped(tmp_path, tiny_model_dir):
+    PoisonedGradientSFT.poisoned_steps, PoisonedGradientSFT.calls = {2}, 0
+    manager = create_plugin_manager()
+    manager.register(GradientPoisonPlugin(), "gradient-poison")
+    data = write_jsonl(tmp_path / "train.jsonl", chat_rows(4))
+    config = TrainConfig(model=str(tiny_model_dir), dataset=(str(data),), output_dir=str(tmp_path / "run"),
+                         precision="fp32", batch_size=4, save_steps=1, lora_dropout=0.0, max_steps=3)
+    train("poisoned-gradient", config, manager=manager)
+    output = tmp_path / "run"
+    after_1, after_2 = adapter_weights(output / "checkpoint-1"), adapter_weights(output / "checkpoint-2")
+    assert all(torch.equal(after_1[key], after_2[key]) for key in after_1)
+    lines = read_metrics(output)
+    assert [line["skipped_steps"] for line in lines] == [0, 1, 1]
+    assert all(isinstance(line["loss"], float) for line in lines)  # the loss itself stayed finite
+
+
+def test_fp16_survives_a_non_finite_step(tmp_path, tiny_model_dir):
+    run(tmp_path, tiny_model_dir, poisoned={2}, max_steps=4, precision="fp16")
+    lines = read_metrics(tmp_path / "run")
+    assert [line["step"] for line in lines] == [1, 2, 3, 4]
+    assert lines[-1]["skipped_steps"] >= 1

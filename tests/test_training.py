@@ -67,11 +67,13 @@ def test_gradient_accumulation_matches_one_big_batch(tiny_model_dir, data_file, 
         torch.testing.assert_close(first[key], second[key], rtol=1e-3, atol=1e-5)
 
 
-def test_one_step_loss_is_the_same_with_and_without_packing(tiny_model_dir, data_file, tmp_path):
+def test_one_step_loss_is_the_same_with_and_without_packing(tiny_model_dir, data_file, tmp_path, capsys):
     plain, packed = tmp_path / "plain", tmp_path / "packed"
     common = ("--max-steps", "1", "--batch-size", "8", "--lora-dropout", "0")
     assert run_cli(*base_args(tiny_model_dir, data_file, plain, *common)) == 0
+    assert "8 training samples in 8 rows" in capsys.readouterr().out
     assert run_cli(*base_args(tiny_model_dir, data_file, packed, "--packing", "--max-length", "128", *common)) == 0
+    assert "8 training samples in 4 rows" in capsys.readouterr().out  # 43 tokens each: two fit a 128-token row
     plain_line, packed_line = read_metrics(plain)[0], read_metrics(packed)[0]
     assert packed_line["loss"] == pytest.approx(plain_line["loss"], rel=1e-5)
     assert packed_line["num_tokens"] == plain_line["num_tokens"]
@@ -94,6 +96,10 @@ def test_config_file_flags_override_and_resolved_config_is_written(tiny_model_di
         ({"lr_scheduler": "cosine_wobble"}, "key 'lr_scheduler'"),
         ({"batch_size": 0}, "key 'batch_size'"),
         ({"packing": "yes please"}, "key 'packing': expected true or false"),
+        ({"lora_rank": None}, "key 'lora_rank': expected a value"),
+        ({"max_steps": 2.7}, "key 'max_steps': expected a whole number"),
+        ({"max_steps": True}, "key 'max_steps': expected a value that is not true/false"),
+        ({"target_modules": ["q_proj", "v_proj"]}, "key 'target_modules': expected a single value"),
     ],
 )
 def test_bad_config_file_names_the_key(tmp_path, capsys, content, expected, data_file):
@@ -120,3 +126,18 @@ def test_help_lists_every_option_with_its_default(capsys):
     for flag in ("--learning-rate", "--lora-rank", "--packing", "--save-total-limit", "--max-bad-steps", "--config"):
         assert flag in out
     assert "default: 0.0001" in out and "default: cosine" in out and "default: no-packing" in out
+
+
+def test_a_relative_model_path_is_recorded_absolute(tiny_model_dir, data_file, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tiny_model_dir.parent)
+    output = tmp_path / "run"
+    assert run_cli(*base_args(tiny_model_dir.name, data_file, output, "--max-steps", "1")) == 0
+    assert yaml.safe_load((output / "config.yaml").read_text())["model"] == str(tiny_model_dir.resolve())
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert run_cli("infer", "--adapter", output / "final", "--prompt", "Hi", "--max-new-tokens", "2") == 0
+
+
+def test_eval_dataset_and_val_split_together_are_refused(data_file, capsys):
+    assert run_cli("sft", "--dataset", data_file, "--eval-dataset", data_file, "--val-split", "0.2") != 0
+    assert "--eval-dataset and --val-split" in capsys.readouterr().err
