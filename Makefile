@@ -10,7 +10,8 @@ PYTEST_ARGS ?=
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
-	# The CPU build of torch; a bare `torch` requirement would fetch a multi-GB CUDA build.
+	# Pinned first: our machines hold this release's CPU wheel on disk, and a bare `torch`
+	# requirement would fetch the newest (multi-GB CUDA) build from the registry.
 	$(PYTHON) -m pip install --quiet torch==2.13.0
 	$(PYTHON) -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
