@@ -332,3 +332,21 @@ def test_prepare_samples_with_nothing_left_is_an_error(tmp_path, tokenizer):
     loaded = load(write_jsonl(tmp_path / "data.jsonl", [long_question]))
     with pytest.raises(DataError, match=r"no usable samples in .*data\.jsonl \(1 with no trained token left within --max-length 32\)"):
         prepare_samples(SFTTrainer(tokenizer), loaded.examples, max_length=32, skip_bad_rows=False)
+
+
+def test_csv_conversations_are_json_text_in_a_column(tmp_path):
+    import csv
+
+    path = tmp_path / "chats.csv"
+    messages = [{"role": "user", "content": "Hi, there"}, {"role": "assistant", "content": "Hello!"}]
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["messages", "topic"])
+        writer.writerow([json.dumps(messages), "greeting"])
+        writer.writerow(['[{"role": "user"', "truncated"])
+    loaded = load_examples([str(path)], seed=0, skip_bad_rows=True)
+    assert [example.messages for example in loaded.examples] == [messages]
+    assert loaded.examples[0].columns == {"topic": "greeting"}
+    assert loaded.bad_rows == 1
+    with pytest.raises(DataError, match=r"chats.csv:3: messages: looks like a JSON list of turns but does not parse"):
+        load_examples([str(path)], seed=0, skip_bad_rows=False)

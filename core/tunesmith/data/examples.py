@@ -16,6 +16,8 @@ Every field the format does not read is kept, untouched, in ``Example.columns``.
 
 from __future__ import annotations
 
+import json
+
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +67,12 @@ def _string(mapping: dict[str, Any], key: str, name: str | None = None, *, optio
 
 def _turns(record: dict[str, Any], field: str) -> list[Any]:
     turns = record[field]
+    if isinstance(turns, str) and turns.lstrip().startswith("["):
+        # Flat formats (CSV) can only hold the list of turns as JSON text.
+        try:
+            turns = json.loads(turns)
+        except json.JSONDecodeError as error:
+            raise _FieldError(field, f"looks like a JSON list of turns but does not parse: {error}") from None
     if not isinstance(turns, list):
         raise _FieldError(field, f"expected a list of turns, got {json_type(turns)}")
     if not turns:
