@@ -17,7 +17,6 @@ Every field the format does not read is kept, untouched, in ``Example.columns``.
 from __future__ import annotations
 
 import json
-
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
