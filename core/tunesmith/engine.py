@@ -151,19 +151,7 @@ def train(trainer_name: str, config: TrainConfig, manager: PluginManager | None 
                 rows = [data.train_rows[i] for i in order.indices(state.epoch, state.micro_batch)]
                 micro_batches.append(trainer.collate(rows))
                 state.epoch, state.micro_batch = order.advance(state.epoch, state.micro_batch)
-            items = strategy.reduce_sum(torch.tensor(sum(trainer.count_items(b) for b in micro_batches), dtype=torch.float64))
-            items = max(float(items), 1.0)
-            loss_total = torch.zeros((), dtype=torch.float64)
-            logged: dict[str, float] = {}
-            for index, batch in enumerate(micro_batches):
-                batch = move_to(batch, strategy.root_device)
-                with strategy.no_sync(model, index < len(micro_batches) - 1), device.autocast(precision):
-                    output = trainer.compute_loss(model, batch)
-                strategy.backward(scaler.scale(output.loss / items))
-                loss_total += output.loss.detach().double().cpu()
-                for key, value in output.metrics.items():
-                    logged[key] = logged.get(key, 0.0) + float(value) / items
-            loss = float(strategy.reduce_sum(loss_total)) / items
+            loss, logged = accumulate_gradients(model, trainer, micro_batches, strategy, device, precision, scaler)
 
             scaler.unscale_(optimizer)
             grad_norm = float(strategy.clip_grad_norm(model.parameters(), config.max_grad_norm))
@@ -265,6 +253,27 @@ def check_resumable(checkpoint: Path, identity: dict[str, Any], total_steps: int
 
 def record_epoch(state: LoopState, order: BatchOrder) -> float:
     return state.epoch + state.micro_batch / order.micro_batches_per_epoch
+
+
+def accumulate_gradients(model, trainer: Trainer, micro_batches, strategy: Strategy, device: Device, precision: str, scaler):
+    """Forward and backward every micro-batch of one optimizer step; return the step's mean loss and metrics.
+
+    Each micro-batch's summed loss is divided by the item count of the whole step (over all
+    processes), so accumulation gives the gradient of one large batch.
+    """
+    items = strategy.reduce_sum(torch.tensor(sum(trainer.count_items(b) for b in micro_batches), dtype=torch.float64))
+    items = max(float(items), 1.0)
+    loss_total = torch.zeros((), dtype=torch.float64)
+    logged: dict[str, float] = {}
+    for index, batch in enumerate(micro_batches):
+        batch = move_to(batch, strategy.root_device)
+        with strategy.no_sync(model, index < len(micro_batches) - 1), device.autocast(precision):
+            output = trainer.compute_loss(model, batch)
+        strategy.backward(scaler.scale(output.loss / items))
+        loss_total += output.loss.detach().double().cpu()
+        for key, value in output.metrics.items():
+            logged[key] = logged.get(key, 0.0) + float(value) / items
+    return float(strategy.reduce_sum(loss_total)) / items, logged
 
 
 def move_to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
