@@ -173,3 +173,13 @@ def test_an_unimportable_class_names_its_plugin():
     spec = DeviceSpec(name="ghost", device="no_such_module:Nope", probe=lambda: True, priority=99)
     with pytest.raises(PluginError, match="ghost.*ghost-dist.*could not be imported"):
         Registered(spec, "ghost-plugin", "ghost-dist", "1.0").load()
+
+
+def test_importing_tunesmith_leaves_heavy_backends_alone():
+    import subprocess
+    import sys
+
+    heavy = ["torch_npu", "deepspeed", "megatron", "peft", "transformers"]
+    code = "import sys, tunesmith, tunesmith.cli; print(','.join(m for m in %r if m in sys.modules))" % heavy
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == ""
