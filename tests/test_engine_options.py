@@ -95,6 +95,8 @@ def test_resume_choices_and_refusals(tiny_model_dir, data_file, tmp_path, capsys
     assert "lora_rank: 8 in the checkpoint, 4 now" in err
     assert sft(tiny_model_dir, data_file, output, "--max-steps", "6", "--adapter", "full", *common) != 0
     assert "adapter: 'lora' in the checkpoint, 'full' now" in capsys.readouterr().err
+    assert sft(tiny_model_dir, data_file, output, "--max-steps", "6", "--val-split", "0.5", *common) != 0
+    assert "val_split: 0.0 in the checkpoint, 0.5 now" in capsys.readouterr().err
 
     assert sft(tiny_model_dir, data_file, output, "--resume", tmp_path, *common) != 0
     assert "--resume" in capsys.readouterr().err
@@ -183,3 +185,15 @@ def test_the_last_epoch_ends_with_the_data(tiny_model_dir, data_file, tmp_path):
     assert lines[-1]["epoch"] == pytest.approx(1.0)
     first_step_tokens = lines[0]["num_tokens"]
     assert lines[1]["num_tokens"] - first_step_tokens < first_step_tokens  # the second step saw fewer rows
+
+
+def test_a_resumed_run_trains_with_its_own_learning_rate_and_weight_decay(tiny_model_dir, data_file, tmp_path):
+    output = tmp_path / "run"
+    common = ("--precision", "fp32", "--lr-scheduler", "constant", "--save-steps", "2")
+    assert run_cli("sft", "--model", tiny_model_dir, "--dataset", data_file, "--output-dir", output, "--batch-size", "2",
+                   "--max-steps", "2", "--learning-rate", "1e-4", *common) == 0
+    assert run_cli("sft", "--model", tiny_model_dir, "--dataset", data_file, "--output-dir", output, "--batch-size", "2",
+                   "--max-steps", "4", "--learning-rate", "1e-3", "--weight-decay", "0.5", *common) == 0
+    assert [line["learning_rate"] for line in read_metrics(output)] == pytest.approx([1e-4, 1e-4, 1e-3, 1e-3])
+    optimizer_state = torch.load(output / "checkpoint-4" / "optimizer.pt", weights_only=True)
+    assert optimizer_state["param_groups"][0]["weight_decay"] == 0.5

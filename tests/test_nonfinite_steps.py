@@ -107,3 +107,36 @@ def test_fp16_survives_a_non_finite_step(tmp_path, tiny_model_dir):
     lines = read_metrics(tmp_path / "run")
     assert [line["step"] for line in lines] == [1, 2, 3, 4]
     assert lines[-1]["skipped_steps"] >= 1
+
+
+class OverflowingSFT(SFTTrainer):
+    """A finite loss so large that its fp16-scaled gradient overflows on the listed steps."""
+
+    overflowing_steps: set[int] = set()
+    calls = 0
+
+    def compute_loss(self, model, batch):
+        OverflowingSFT.calls += 1
+        output = super().compute_loss(model, batch)
+        if OverflowingSFT.calls in self.overflowing_steps:
+            output.loss = output.loss * 1e36
+        return output
+
+
+class OverflowPlugin:
+    @hookimpl
+    def tunesmith_register_trainers(self):
+        return [TrainerSpec(name="overflowing", trainer=OverflowingSFT)]
+
+
+def test_fp16_overflow_is_skipped_without_counting_as_a_bad_step(tmp_path, tiny_model_dir):
+    OverflowingSFT.overflowing_steps, OverflowingSFT.calls = {2, 3}, 0
+    manager = create_plugin_manager()
+    manager.register(OverflowPlugin(), "overflow")
+    data = write_jsonl(tmp_path / "train.jsonl", chat_rows(4))
+    config = TrainConfig(model=str(tiny_model_dir), dataset=(str(data),), output_dir=str(tmp_path / "run"),
+                         precision="fp16", batch_size=4, save_steps=0, max_steps=4, max_bad_steps=1)
+    train("overflowing", config, manager=manager)  # one counted bad step would stop the run
+    lines = read_metrics(tmp_path / "run")
+    assert [line["skipped_steps"] for line in lines] == [0, 1, 2, 2]
+    assert all(isinstance(line["loss"], float) for line in lines)

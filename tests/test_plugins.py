@@ -183,3 +183,17 @@ def test_importing_tunesmith_leaves_heavy_backends_alone():
     code = "import sys, tunesmith, tunesmith.cli; print(','.join(m for m in %r if m in sys.modules))" % heavy
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == ""
+
+
+def test_registering_after_a_collect_is_seen_and_failures_are_reported_once():
+    manager = create_plugin_manager()
+    assert "late" not in manager.collect("device")
+    manager.register(DevicePlugin("late", 5), "late")
+    assert "late" in manager.collect("device")
+    manager.register(RaisingPlugin(), "raising", distribution="raising-dist")
+    with pytest.warns(PluginLoadWarning):
+        manager.collect("reward")
+    manager.unregister("late")
+    assert "late" not in manager.collect("device")
+    manager.collect("reward")
+    assert len(manager.failures) == 1

@@ -100,6 +100,8 @@ def test_config_file_flags_override_and_resolved_config_is_written(tiny_model_di
         ({"max_steps": 2.7}, "key 'max_steps': expected a whole number"),
         ({"max_steps": True}, "key 'max_steps': expected a value that is not true/false"),
         ({"target_modules": ["q_proj", "v_proj"]}, "key 'target_modules': expected a single value"),
+        ({"eval_dataset": [None]}, "key 'eval_dataset': expected a list of values, got an empty (null) entry"),
+        ({"learning_rate": float("nan")}, "key 'learning_rate': expected a number, got nan"),
     ],
 )
 def test_bad_config_file_names_the_key(tmp_path, capsys, content, expected, data_file):
@@ -118,6 +120,8 @@ def test_bad_flags_name_the_option(capsys, data_file):
     assert "--lr-scheduler" in err and "cosine" in err
     assert run_cli("sft", "--dataset", data_file, "--device", "quantum") != 0
     assert "quantum" in capsys.readouterr().err
+    assert run_cli("sft", "--dataset", data_file, "--learning-rate", "nan") != 0
+    assert "--learning-rate: expected a number, got nan" in capsys.readouterr().err
 
 
 def test_help_lists_every_option_with_its_default(capsys):
@@ -141,3 +145,16 @@ def test_a_relative_model_path_is_recorded_absolute(tiny_model_dir, data_file, t
 def test_eval_dataset_and_val_split_together_are_refused(data_file, capsys):
     assert run_cli("sft", "--dataset", data_file, "--eval-dataset", data_file, "--val-split", "0.2") != 0
     assert "--eval-dataset and --val-split" in capsys.readouterr().err
+
+
+def test_a_folder_named_like_the_alias_does_not_shadow_it(tmp_path, monkeypatch, data_file):
+    from tunesmith.commands.train import make_train_command
+    from tunesmith.config import resolve_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "smollm2-135m").mkdir()  # e.g. an --output-dir named after the model
+    command = make_train_command("sft")
+    context = command.make_context("sft", ["--dataset", str(data_file)])
+    values = dict(context.params)
+    config = resolve_config(context, values, values.pop("config_file"))
+    assert config.model == "smollm2-135m"

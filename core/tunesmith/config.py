@@ -9,6 +9,7 @@ the key and what would be valid.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import click
 import yaml
 
 from tunesmith.errors import ConfigError
+from tunesmith.models import ALIASES
 
 
 def option(default: Any, help: str, type: Any = None, multiple: bool = False, flag: bool = False) -> Any:
@@ -125,9 +127,12 @@ def resolve_config(ctx: click.Context, values: dict[str, Any], config_file: Path
     config = TrainConfig(**resolved)
     if not config.dataset:
         raise ConfigError("no training data: pass --dataset PATH (or a dataset key in --config)")
+    for key, value in config.to_dict().items():
+        if isinstance(value, float) and math.isnan(value):
+            raise ConfigError(f"{flag_name(key)}: expected a number, got nan")
     if config.eval_dataset and config.val_split > 0:
         raise ConfigError("--eval-dataset and --val-split both choose evaluation data; give one of them")
-    if Path(config.model).expanduser().is_dir():
+    if config.model not in ALIASES and Path(config.model).expanduser().is_dir():
         # Recorded in OUTPUT/config.yaml, where infer and export find it from any directory.
         config.model = str(Path(config.model).expanduser().resolve())
     return config
@@ -155,11 +160,15 @@ def cast_value(ctx: click.Context, path: Path, key: str, raw: Any) -> Any:
         raise ConfigError(f"{path}: key {key!r}: expected a value, got nothing (null)")
     if meta["multiple"] and not isinstance(raw, list):
         raw = [raw]
+    if meta["multiple"] and any(item is None for item in raw):
+        raise ConfigError(f"{path}: key {key!r}: expected a list of values, got an empty (null) entry")
     if not meta["multiple"] and isinstance(raw, (list, dict)):
         raise ConfigError(f"{path}: key {key!r}: expected a single value, got {type(raw).__name__} {raw!r}")
     if meta["flag"] != isinstance(raw, bool):
         expected = "true or false" if meta["flag"] else "a value that is not true/false"
         raise ConfigError(f"{path}: key {key!r}: expected {expected}, got {raw!r}")
+    if isinstance(raw, float) and math.isnan(raw):
+        raise ConfigError(f"{path}: key {key!r}: expected a number, got nan")
     if isinstance(param.type, click.types.IntParamType) and isinstance(raw, float) and not raw.is_integer():
         raise ConfigError(f"{path}: key {key!r}: expected a whole number, got {raw!r}")
     try:

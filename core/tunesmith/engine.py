@@ -101,13 +101,18 @@ def train(trainer_name: str, config: TrainConfig, manager: PluginManager | None 
     resume_from = find_resume_checkpoint(output_dir, config.resume)
     if resume_from is not None:
         check_resumable(resume_from, identity, total_steps)
+        # The checkpoint brings back optimizer state and schedule position; the rates and weight
+        # decay are this run's options (a resumed run may change them).
+        chosen = [{key: group[key] for key in ("initial_lr", "weight_decay")} for group in optimizer.param_groups]
         loaded = strategy.load_checkpoint(resume_from, model, optimizer, scheduler)
+        for group, values in zip(optimizer.param_groups, chosen):
+            group.update(values)
+        scheduler.base_lrs = [values["initial_lr"] for values in chosen]
         state = loaded.loop_state
         device.set_rng_state(loaded.rng_state)
         if loaded.scaler_state is not None:
             scaler.load_state_dict(loaded.scaler_state)
-        # The restored optimizer carries the rate of the checkpoint's schedule; a longer run
-        # (a larger --max-steps) continues on this run's schedule instead.
+        # Continue on this run's schedule (a larger --max-steps stretches it) from the saved step.
         for group, base_rate, rate_at in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
             group["lr"] = base_rate * rate_at(scheduler.last_epoch)
         say(f"resuming from {resume_from} (step {state.step} of {total_steps})")
@@ -222,7 +227,7 @@ def train(trainer_name: str, config: TrainConfig, manager: PluginManager | None 
 #: state, or decide which rows each step sees.
 RESUME_INVARIANTS = (
     "model", "adapter", "lora_rank", "lora_alpha", "target_modules", "optimizer",
-    "dataset", "batch_size", "grad_accum", "packing", "max_length", "seed",
+    "dataset", "val_split", "batch_size", "grad_accum", "packing", "max_length", "seed",
 )
 
 

@@ -98,7 +98,10 @@ class PluginManager:
     def _skip(self, plugin_name: str, what: str, error: object) -> None:
         """Report a misbehaving plugin once, by name and distribution, and carry on without it."""
         distribution = self.origins.get(plugin_name, ("<local>", ""))[0]
-        self.failures.append((plugin_name, distribution, str(error)))
+        failure = (plugin_name, distribution, f"{what}: {error}" if error else what)
+        if failure in self.failures:
+            return
+        self.failures.append(failure)
         warnings.warn(
             f"tunesmith plugin {plugin_name!r} (distribution {distribution!r}) {what} and was skipped: {error}",
             PluginLoadWarning,
