@@ -8,6 +8,19 @@ from pathlib import Path
 from safetensors.torch import load_file
 
 from tunesmith.cli import main
+from tunesmith.hooks import hookimpl
+from tunesmith.records import TrainerSpec
+
+
+class TrainerPlugin:
+    """An in-test plugin object registering one trainer class under ``name``."""
+
+    def __init__(self, name: str, trainer_class):
+        self.spec = TrainerSpec(name=name, trainer=trainer_class)
+
+    @hookimpl
+    def tunesmith_register_trainers(self):
+        return [self.spec]
 
 
 def run_cli(*args: str) -> int:

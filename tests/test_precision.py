@@ -5,12 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.helpers import chat_rows, write_jsonl
+from tests.helpers import TrainerPlugin, chat_rows, write_jsonl
 from tunesmith.config import TrainConfig
 from tunesmith.engine import train
-from tunesmith.hooks import hookimpl
 from tunesmith.plugins import create_plugin_manager
-from tunesmith.records import TrainerSpec
 from tunesmith_trainers.sft import SFTTrainer
 
 
@@ -24,17 +22,11 @@ class AutocastProbeSFT(SFTTrainer):
         return super().compute_loss(model, batch)
 
 
-class AutocastProbePlugin:
-    @hookimpl
-    def tunesmith_register_trainers(self):
-        return [TrainerSpec(name="autocast-probe", trainer=AutocastProbeSFT)]
-
-
 @pytest.mark.parametrize(("precision", "expected"), [("fp32", (False, None)), ("bf16", (True, torch.bfloat16)), ("fp16", (True, torch.float16))])
 def test_the_loss_runs_under_the_requested_precision(tmp_path, tiny_model_dir, precision, expected):
     AutocastProbeSFT.seen = []
     manager = create_plugin_manager()
-    manager.register(AutocastProbePlugin(), "autocast-probe")
+    manager.register(TrainerPlugin("autocast-probe", AutocastProbeSFT), "autocast-probe")
     data = write_jsonl(tmp_path / "train.jsonl", chat_rows(4))
     config = TrainConfig(model=str(tiny_model_dir), dataset=(str(data),), output_dir=str(tmp_path / "run"),
                          precision=precision, batch_size=4, save_steps=0, max_steps=1)
