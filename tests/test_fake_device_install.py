@@ -80,8 +80,24 @@ def check_sft(expected_device: str, workdir: Path, model_dir: Path) -> None:
     assert f"device: {expected_device} " in output, output
     assert {line["device"] for line in read_metrics(output_dir)} == {expected_device}
     if expected_device == "fake":
-        assert {"setup", "seed", "autocast", "memory_stats"} <= set(log.read_text().split())
+        assert {"setup:0", "seed", "autocast", "memory_stats"} <= set(log.read_text().split())
         assert {line["memory_peak_bytes"] for line in read_metrics(output_dir)} == {64 * 2**20}  # simulated
+
+
+def check_two_processes(workdir: Path, model_dir: Path) -> None:
+    """Two fake devices: --nproc-per-node auto starts one process per device, talking through the fake's backend."""
+    workdir.mkdir()
+    data = write_jsonl(workdir / "corpus.jsonl", [{"text": f"line {i} of a corpus"} for i in range(8)])
+    log = workdir / "calls.log"
+    output_dir = workdir / "run"
+    command = ["pt", "--model", str(model_dir), "--dataset", str(data), "--output-dir", str(output_dir), "--max-steps", "2",
+               "--batch-size", "2", "--save-steps", "0", "--strategy", "ddp", "--nproc-per-node", "auto"]
+    output = run_cli(command, TUNESMITH_FAKE_DEVICE_LOG=str(log), TUNESMITH_FAKE_DEVICE_COUNT="2").stdout
+    assert "device: fake " in output and "processes: 2" in output, output
+    calls = log.read_text().split()
+    assert {"device_count", "setup:0", "setup:1"} <= set(calls), calls
+    assert calls.count("process_group") == 2, calls  # one per process, made by the fake's backend
+    assert [line["step"] for line in read_metrics(output_dir)] == [1, 2]  # written once, by rank 0
 
 
 #: each check(expected_device, workdir, model_dir) runs before install, while installed and after uninstall
@@ -154,6 +170,8 @@ def test_installing_and_uninstalling_the_fake_device_changes_auto_selection(tmp_
         unavailable = run_cli(["env"], TUNESMITH_FAKE_DEVICE_AVAILABLE="0").stdout
         assert auto_device(unavailable) == "cpu"
         assert device_row("fake", "10", "no", output=unavailable), unavailable
+
+        check_two_processes(tmp_path / "two-processes", tiny_model_dir)
 
         conformance = run_fake_device_tests()
         assert "not installed" not in conformance, conformance

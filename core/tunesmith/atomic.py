@@ -29,16 +29,44 @@ def write_atomically(target: Path, write_into: Callable[[Path], None]) -> None:
     try:
         write_into(staging)
         _fsync_tree(staging)
-        if target.exists():
-            retired = target.parent / f"{STAGING_PREFIX}retired-{target.name}-{os.getpid()}"
-            os.rename(target, retired)
-            os.rename(staging, target)
-            shutil.rmtree(retired)
-        else:
-            os.rename(staging, target)
+        _move_into_place(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def write_atomically_together(target: Path, write_into: Callable[[Path], None], leader: bool, barrier: Callable[[], None]) -> None:
+    """Several processes write one folder atomically; every process calls this with the same ``target``.
+
+    The ``leader`` prepares one staging folder, every process writes its files into it, and
+    the leader renames it into place once all have finished. If any process dies first, the
+    launcher stops the others and the previous ``target`` is untouched; the staging folder is
+    removed by the next run's :func:`remove_staging_leftovers`.
+    """
+    target = Path(target)
+    staging = target.parent / f"{STAGING_PREFIX}{target.name}"
+    if leader:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir()
+    barrier()
+    write_into(staging)
+    barrier()
+    if leader:
+        _fsync_tree(staging)
+        _move_into_place(staging, target)
+    barrier()
+
+
+def _move_into_place(staging: Path, target: Path) -> None:
+    if target.exists():
+        retired = target.parent / f"{STAGING_PREFIX}retired-{target.name}-{os.getpid()}"
+        os.rename(target, retired)
+        os.rename(staging, target)
+        shutil.rmtree(retired)
+    else:
+        os.rename(staging, target)
     _fsync_dir(target.parent)
 
 

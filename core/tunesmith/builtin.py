@@ -1,4 +1,4 @@
-"""Registrations of what ships inside the core: the cpu device and the ``single`` strategy."""
+"""Registrations of what ships inside the core: the cpu device and the ``single`` and ``ddp`` strategies."""
 
 from tunesmith.devices.cpu import CPU_PRIORITY, cpu_is_available
 from tunesmith.hooks import hookimpl
@@ -25,5 +25,11 @@ def tunesmith_register_strategies():
             name="single",
             strategy="tunesmith.strategy:SingleDeviceStrategy",
             description="one process on one device",
-        )
+        ),
+        StrategySpec(
+            name="ddp",
+            strategy="tunesmith.strategies.ddp:DDPStrategy",
+            description="data parallel: the whole model on every process, gradients averaged (DistributedDataParallel)",
+            distributed=True,
+        ),
     ]

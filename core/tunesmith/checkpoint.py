@@ -2,9 +2,10 @@
 
 A checkpoint ``OUTPUT/checkpoint-STEP/`` holds the trainable weights in safetensors (a peft
 adapter folder for LoRA/DoRA, a transformers model folder for full fine-tuning, so any
-checkpoint can be loaded for inference), the optimizer state and RNG states in files that
-``torch.load(weights_only=True)`` accepts, and the scheduler and loop state in JSON. No
-pickled code is ever written.
+checkpoint can be loaded for inference), the optimizer state and each process's RNG states in
+files that ``torch.load(weights_only=True)`` accepts, and the scheduler and loop state in JSON.
+No pickled code is ever written. Which process writes what is the strategy's business
+(:meth:`tunesmith.strategy.Strategy.save_checkpoint`); the helpers here write the parts.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from tunesmith.atomic import write_atomically
 from tunesmith.errors import ConfigError
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -32,7 +32,8 @@ class LoopState:
 
     step: int = 0
     epoch: int = 0
-    micro_batch: int = 0
+    #: rows of this epoch's order already trained on, over all data-parallel ranks
+    epoch_rows: int = 0
     num_tokens: int = 0
     skipped_steps: int = 0
     bad_steps_in_a_row: int = 0
@@ -80,45 +81,52 @@ def rotate_checkpoints(output_dir: Path, keep: int) -> list[Path]:
     return doomed
 
 
-def save_checkpoint(
-    target: Path,
-    model,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    rng_state: dict[str, Any],
-    loop_state: LoopState,
-    scaler_state: dict[str, Any] | None = None,
-    tokenizer=None,
-) -> None:
-    def write(folder: Path) -> None:
-        model.save_pretrained(folder, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(folder)
-        torch.save(optimizer.state_dict(), folder / "optimizer.pt")
-        (folder / "scheduler.json").write_text(json.dumps(scheduler.state_dict()), encoding="utf-8")
-        torch.save(rng_state, folder / "rng_state.pt")
-        if scaler_state is not None:
-            torch.save(scaler_state, folder / "scaler.pt")
-        (folder / STATE_FILE).write_text(json.dumps(asdict(loop_state), indent=2), encoding="utf-8")
+@dataclass
+class TrainingState:
+    """What a checkpoint saves and restores; the strategy decides how each part is written."""
 
-    write_atomically(target, write)
+    model: Any
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    loop_state: LoopState
+    tokenizer: Any = None
 
 
 @dataclass
 class LoadedCheckpoint:
     loop_state: LoopState
-    rng_state: dict[str, Any]
     scaler_state: dict[str, Any] | None
 
 
-def load_checkpoint(folder: Path, model, optimizer: torch.optim.Optimizer, scheduler) -> LoadedCheckpoint:
+def save_replicated(folder: Path, state: TrainingState, model, scaler_state: dict[str, Any] | None = None) -> None:
+    """Write state that every process holds whole (``model`` unwrapped) into ``folder``."""
+    model.save_pretrained(folder, safe_serialization=True)
+    if state.tokenizer is not None:
+        state.tokenizer.save_pretrained(folder)
+    torch.save(state.optimizer.state_dict(), folder / "optimizer.pt")
+    write_loop_files(folder, state, scaler_state)
+
+
+def write_loop_files(folder: Path, state: TrainingState, scaler_state: dict[str, Any] | None = None) -> None:
+    """The scheduler, loss-scaler and loop state: small files every strategy writes the same way."""
+    (folder / "scheduler.json").write_text(json.dumps(state.scheduler.state_dict()), encoding="utf-8")
+    if scaler_state is not None:
+        torch.save(scaler_state, folder / "scaler.pt")
+    (folder / STATE_FILE).write_text(json.dumps(asdict(state.loop_state), indent=2), encoding="utf-8")
+
+
+def load_replicated(folder: Path, state: TrainingState, model) -> LoadedCheckpoint:
+    """Restore what :func:`save_replicated` wrote into ``model`` (unwrapped), the optimizer and the scheduler."""
     load_trainable_weights(folder, model)
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(json.loads((folder / "scheduler.json").read_text(encoding="utf-8")))
-    rng_state = torch.load(folder / "rng_state.pt", weights_only=True)
+    state.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=True))
+    return read_loop_files(folder, state)
+
+
+def read_loop_files(folder: Path, state: TrainingState) -> LoadedCheckpoint:
+    state.scheduler.load_state_dict(json.loads((folder / "scheduler.json").read_text(encoding="utf-8")))
     scaler_path = folder / "scaler.pt"
     scaler_state = torch.load(scaler_path, weights_only=True) if scaler_path.is_file() else None
-    return LoadedCheckpoint(read_loop_state(folder), rng_state, scaler_state)
+    return LoadedCheckpoint(read_loop_state(folder), scaler_state)
 
 
 def read_loop_state(folder: Path) -> LoopState:

@@ -28,6 +28,19 @@ def option(default: Any, help: str, type: Any = None, multiple: bool = False, fl
     return field(default=default, metadata=metadata)
 
 
+class ProcessCount(click.ParamType):
+    """A number of processes (at least 1), or ``auto``."""
+
+    name = "N|auto"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return str(value)
+        if isinstance(value, str) and (value == "auto" or (value.isdigit() and int(value) >= 1)):
+            return value
+        self.fail(f"expected a whole number of processes (at least 1) or auto, got {value!r}", param, ctx)
+
+
 POSITIVE = click.IntRange(min=1)
 NON_NEGATIVE = click.IntRange(min=0)
 FRACTION = click.FloatRange(min=0.0, max=1.0, max_open=True)
@@ -70,7 +83,12 @@ class TrainConfig:
     max_bad_steps: int = option(5, "Stop after this many non-finite steps in a row.", POSITIVE)
     # hardware
     device: str = option("auto", "Device plugin name, or auto for the highest-priority available device.")
-    strategy: str = option("single", "Parallel strategy plugin name.")
+    strategy: str = option("single", "Parallel strategy plugin name: single, or ddp for several processes (see `tunesmith plugins`).")
+    nproc_per_node: str = option("1", "Processes on this machine: a number, or auto for one per device of the chosen device.", ProcessCount())
+    nnodes: int = option(1, "Machines in the job; each runs the same command with its own --node-rank.", POSITIVE)
+    node_rank: int = option(0, "This machine's index among the --nnodes machines.", NON_NEGATIVE)
+    master_addr: str = option("127.0.0.1", "Address of the machine with --node-rank 0 (several machines).")
+    master_port: int = option(0, "Port on the --master-addr machine; 0 picks a free port (one machine only).", click.IntRange(0, 65535))
     # logging and checkpoints
     logging_steps: int = option(1, "Write a metrics line every N steps.", POSITIVE)
     save_steps: int = option(100, "Write a checkpoint every N steps; 0 writes only the final result.", NON_NEGATIVE)
@@ -130,6 +148,10 @@ def resolve_config(ctx: click.Context, values: dict[str, Any], config_file: Path
     for key, value in config.to_dict().items():
         if isinstance(value, float) and math.isnan(value):
             raise ConfigError(f"{flag_name(key)}: expected a number, got nan")
+    if config.node_rank >= config.nnodes:
+        raise ConfigError(f"--node-rank {config.node_rank}: expected a machine index below --nnodes {config.nnodes}")
+    if config.nnodes > 1 and config.master_port == 0:
+        raise ConfigError(f"--nnodes {config.nnodes}: several machines meet at --master-addr and an agreed --master-port; give --master-port")
     if config.eval_dataset and config.val_split > 0:
         raise ConfigError("--eval-dataset and --val-split both choose evaluation data; give one of them")
     if config.model not in ALIASES and Path(config.model).expanduser().is_dir():

@@ -1,9 +1,11 @@
 """The training loop shared by every trainer.
 
-Read top to bottom: choose hardware, build model and data, restore the newest checkpoint,
-then repeat (micro-batches -> loss -> backward -> clip -> step) with logging, evaluation and
-atomic checkpoints. Trainers supply the objective; devices and strategies the hardware and
-parallelism; the loop itself never changes for them.
+Read top to bottom: plan the run (device, precision, strategy, checkpoint to resume), build
+model and data, let the strategy set up model and optimizer, restore the newest checkpoint,
+then repeat (this rank's share of the step's rows -> micro-batches -> loss -> backward ->
+strategy step) with logging, evaluation and atomic checkpoints. Trainers supply the objective;
+devices and strategies the hardware, precision and parallelism; the loop itself never changes
+for them. Every process of a multi-process run runs this same loop.
 """
 
 from __future__ import annotations
@@ -19,17 +21,19 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from tunesmith.atomic import remove_staging_leftovers
-from tunesmith.checkpoint import LoopState, find_resume_checkpoint, read_loop_state, rotate_checkpoints
+from tunesmith.checkpoint import LoopState, TrainingState, rotate_checkpoints
 from tunesmith.config import TrainConfig, write_config
 from tunesmith.data.order import BatchOrder
 from tunesmith.data.setup import build_training_data
+from tunesmith.data.sharding import shard_step
 from tunesmith.data.tokenize import ensure_chat_template
-from tunesmith.device import Device
 from tunesmith.errors import ConfigError, TrainingError
 from tunesmith.metrics import MetricsLog
-from tunesmith.models import apply_adapter, load_model, load_tokenizer, resolve_model
+from tunesmith.models import apply_adapter, load_model, load_tokenizer
 from tunesmith.optimization import build_scheduler, parameter_groups, warmup_steps
-from tunesmith.plugins import PluginManager, build_device, create_plugin_manager
+from tunesmith.plugins import PluginManager, create_plugin_manager
+from tunesmith.resume import check_within_schedule
+from tunesmith.runtime import TrainingPlan, plan_training
 from tunesmith.strategy import Strategy
 from tunesmith.trainer import Trainer
 
@@ -43,95 +47,99 @@ class RunResult:
     precision: str
 
 
-def train(trainer_name: str, config: TrainConfig, manager: PluginManager | None = None, console: Console | None = None) -> RunResult:
+def train(
+    trainer_name: str,
+    config: TrainConfig,
+    manager: PluginManager | None = None,
+    console: Console | None = None,
+    plan: TrainingPlan | None = None,
+) -> RunResult:
     manager = manager or create_plugin_manager()
     console = console or Console()
     output_dir = Path(config.output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"--output-dir {output_dir}: exists and is not a folder")
-
-    # Hardware: the device plugin and the parallel strategy.
-    choice = manager.select_device(config.device)
-    device: Device = build_device(choice.candidate.registered)
-    strategy: Strategy = manager.get("strategy", config.strategy).load()(device)
+    plan = plan or plan_training(trainer_name, config, manager)
+    strategy: Strategy = plan.strategy.load()(plan.device, plan.precision, plan.environment)
+    strategy.name = plan.strategy.spec.name
     strategy.setup_environment()
-    precision = device.resolve_precision(config.precision)
-    build_optimizer = manager.get("optimizer", config.optimizer).load()
-    trainer_class = manager.get("trainer", trainer_name).load()
+    try:
+        return _train(plan, manager.get("trainer", trainer_name), manager, strategy, console)
+    finally:
+        strategy.teardown()
+
+
+def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy: Strategy, console: Console) -> RunResult:
+    config, device, trainer_name = plan.config, plan.device, plan.trainer_name
+    output_dir = Path(config.output_dir)
 
     def say(message: str) -> None:
         if strategy.is_global_zero:  # plain log lines: no wrapping, no markup in user paths
             console.print(message, soft_wrap=True, markup=False, highlight=False)
 
-    say(f"device: {device.describe()}, {choice.reason}; precision: {precision}; strategy: {config.strategy}")
+    check_every_rank_agrees(strategy, {"device": device.name, "precision": plan.precision, "strategy": strategy.name, "trainer": trainer_name})
+    say(f"device: {device.describe()}, {plan.device_reason}; precision: {plan.precision}; strategy: {strategy.name}")
+    if strategy.world_size > 1:
+        say(
+            f"processes: {strategy.world_size} ({strategy.dp_size} data-parallel); global batch {plan.global_batch} rows "
+            f"(--batch-size {config.batch_size} x --grad-accum {config.grad_accum} x {strategy.dp_size})"
+        )
     device.seed(config.seed)
 
     # Model, tokenizer and data.
-    model_path = resolve_model(config.model)
-    tokenizer = load_tokenizer(model_path, config.trust_remote_code)
+    tokenizer = load_tokenizer(plan.model_path, config.trust_remote_code)
     ensure_chat_template(tokenizer)
-    trainer: Trainer = trainer_class(tokenizer, config)
+    trainer: Trainer = trainer_record.load()(tokenizer, config)
     trainer.name = trainer_name
     data = build_training_data(trainer, config)
     say(data.describe())
-    model = load_model(model_path, config.trust_remote_code)
+    with strategy.model_init_context():
+        model = load_model(plan.model_path, config.trust_remote_code)
     model = apply_adapter(model, config.adapter, config.lora_rank, config.lora_alpha, config.lora_dropout, config.target_modules)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = strategy.setup_model(model)
-    model.train()
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
+    build_optimizer = manager.get("optimizer", config.optimizer).load()
+    model, optimizer = strategy.setup(
+        model, lambda module: build_optimizer(parameter_groups(module, config.weight_decay), config.learning_rate)
+    )
+    model.train()
     say(f"model: {config.model} ({config.adapter}); trainable parameters {trainable:,} of {total:,}")
 
-    optimizer = strategy.setup_optimizer(build_optimizer(parameter_groups(model, config.weight_decay), config.learning_rate))
-    order = BatchOrder(len(data.train_rows), config.batch_size, config.seed)
-    total_steps = config.max_steps or math.ceil(config.epochs * order.micro_batches_per_epoch / config.grad_accum)
+    order = BatchOrder(len(data.train_rows), plan.global_batch, config.seed)
+    total_steps = config.max_steps or config.epochs * order.steps_per_epoch
     scheduler = build_scheduler(
         config.lr_scheduler, optimizer, total_steps, warmup_steps(total_steps, config.warmup_steps, config.warmup_ratio)
     )
-    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+    state = TrainingState(model, optimizer, scheduler, LoopState(), tokenizer)
 
     # Resume from the newest complete checkpoint, if any.
     metrics = MetricsLog(output_dir / "metrics.jsonl")
-    state = LoopState()
     if strategy.is_global_zero:
         remove_staging_leftovers(output_dir)
-    identity = run_identity(trainer_name, config)
-    resume_from = find_resume_checkpoint(output_dir, config.resume)
-    if resume_from is not None:
-        check_resumable(resume_from, identity, total_steps)
+    strategy.barrier()
+    if plan.resume_from is not None:
+        check_within_schedule(plan.resume_from, total_steps)
         # The checkpoint brings back optimizer state and schedule position; the rates and weight
         # decay are this run's options (a resumed run may change them).
         chosen = [{key: group[key] for key in ("initial_lr", "weight_decay")} for group in optimizer.param_groups]
-        loaded = strategy.load_checkpoint(resume_from, model, optimizer, scheduler)
+        state.loop_state = strategy.load_checkpoint(plan.resume_from, state).loop_state
         for group, values in zip(optimizer.param_groups, chosen):
             group.update(values)
         scheduler.base_lrs = [values["initial_lr"] for values in chosen]
-        state = loaded.loop_state
-        device.set_rng_state(loaded.rng_state)
-        if loaded.scaler_state is not None:
-            scaler.load_state_dict(loaded.scaler_state)
         # Continue on this run's schedule (a larger --max-steps stretches it) from the saved step.
         for group, base_rate, rate_at in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
             group["lr"] = base_rate * rate_at(scheduler.last_epoch)
-        say(f"resuming from {resume_from} (step {state.step} of {total_steps})")
-    state.run_identity = identity
+        say(f"resuming from {plan.resume_from} (step {state.loop_state.step} of {total_steps})")
+    loop = state.loop_state
+    loop.run_identity = plan.identity
     if strategy.is_global_zero:
-        metrics.truncate_after(state.step)
+        metrics.truncate_after(loop.step)
         write_config(config, output_dir / "config.yaml")
 
-    def save(step_state: LoopState) -> None:
-        strategy.save_checkpoint(
-            output_dir / f"checkpoint-{step_state.step}",
-            model,
-            optimizer,
-            scheduler,
-            device.get_rng_state(),
-            step_state,
-            scaler.state_dict() if scaler.is_enabled() else None,
-            tokenizer,
-        )
+    def save() -> None:
+        strategy.save_checkpoint(output_dir / f"checkpoint-{loop.step}", state)
         if strategy.is_global_zero:
             rotate_checkpoints(output_dir, config.save_total_limit)
 
@@ -146,139 +154,116 @@ def train(trainer_name: str, config: TrainConfig, manager: PluginManager | None 
     )
     interval_tokens, interval_start = 0, time.perf_counter()
     with progress:
-        task = progress.add_task(trainer_name, total=total_steps, completed=state.step, loss=float("nan"), lr=scheduler.get_last_lr()[0], tps=0.0)
-        while state.step < total_steps:
-            # One optimizer step over --grad-accum micro-batches, normalised by every item in the step.
-            micro_batches = []
-            for _ in range(config.grad_accum):
-                if not config.max_steps and state.epoch >= config.epochs:
-                    break  # training by epochs: the last step ends where the data does
-                rows = [data.train_rows[i] for i in order.indices(state.epoch, state.micro_batch)]
-                micro_batches.append(trainer.collate(rows))
-                state.epoch, state.micro_batch = order.advance(state.epoch, state.micro_batch)
-            loss, logged = accumulate_gradients(model, trainer, micro_batches, strategy, device, precision, scaler)
+        task = progress.add_task(trainer_name, total=total_steps, completed=loop.step, loss=float("nan"), lr=scheduler.get_last_lr()[0], tps=0.0)
+        while loop.step < total_steps:
+            # One optimizer step: this rank's share of the step's rows, in micro-batches.
+            step_rows = [data.train_rows[i] for i in order.step_rows(loop.epoch, loop.epoch_rows)]
+            loop.epoch, loop.epoch_rows = order.advance(loop.epoch, loop.epoch_rows)
+            pieces = shard_step(step_rows, strategy.dp_size, strategy.dp_rank, config.batch_size)
+            loss, logged, step_tokens = accumulate_gradients(model, trainer, pieces, step_rows[:1], strategy)
 
-            scaler.unscale_(optimizer)
-            grad_norm = float(strategy.clip_grad_norm(model.parameters(), config.max_grad_norm))
-            state.step += 1
-            if math.isfinite(loss) and math.isfinite(grad_norm):
-                strategy.optimizer_step(optimizer, scaler)
-                state.bad_steps_in_a_row = 0
+            outcome = strategy.optimizer_step(model, optimizer, config.max_grad_norm, loss_is_finite=math.isfinite(loss))
+            loop.step += 1
+            if outcome.applied:
+                loop.bad_steps_in_a_row = 0
             else:
-                state.skipped_steps += 1
+                loop.skipped_steps += 1
                 # An fp16 overflow with a finite loss only means the loss scale was too high;
-                # the scaler lowers it below. Anything else is a real non-finite step.
-                if not (scaler.is_enabled() and math.isfinite(loss)):
-                    state.bad_steps_in_a_row += 1
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+                # the scaler lowered it. Anything else is a real non-finite step.
+                if not (strategy.scaler.is_enabled() and math.isfinite(loss)):
+                    loop.bad_steps_in_a_row += 1
             step_learning_rate = optimizer.param_groups[0]["lr"]
             scheduler.step()
 
-            step_tokens = int(strategy.reduce_sum(torch.tensor(sum(b["num_input_tokens"] for b in micro_batches))))
-            state.num_tokens += step_tokens
+            loop.num_tokens += step_tokens
             interval_tokens += step_tokens
-            if state.bad_steps_in_a_row >= config.max_bad_steps:
+            if loop.bad_steps_in_a_row >= config.max_bad_steps:
                 raise TrainingError(
-                    f"stopped at step {state.step}: {state.bad_steps_in_a_row} steps in a row had a non-finite loss or "
+                    f"stopped at step {loop.step}: {loop.bad_steps_in_a_row} steps in a row had a non-finite loss or "
                     f"gradient (--max-bad-steps {config.max_bad_steps}); the last checkpoint in {output_dir} is intact. "
                     "Lower --learning-rate, set --max-grad-norm, or check the data."
                 )
 
-            if state.step % config.logging_steps == 0 or state.step == total_steps:
+            if loop.step % config.logging_steps == 0 or loop.step == total_steps:
                 elapsed = time.perf_counter() - interval_start
                 tokens_per_second = interval_tokens / elapsed if elapsed > 0 else 0.0
                 record = {
-                    "step": state.step,
-                    "epoch": record_epoch(state, order),
+                    "step": loop.step,
+                    "epoch": order.epoch_progress(loop.epoch, loop.epoch_rows),
                     "loss": loss,
                     "learning_rate": step_learning_rate,
-                    "grad_norm": grad_norm,
-                    "num_tokens": state.num_tokens,
+                    "grad_norm": outcome.grad_norm,
+                    "num_tokens": loop.num_tokens,
                     "tokens_per_second": tokens_per_second,
-                    "skipped_steps": state.skipped_steps,
+                    "skipped_steps": loop.skipped_steps,
                     "memory_peak_bytes": device.memory_stats().get("peak"),
                     "device": device.name,
                     **logged,
                 }
                 if strategy.is_global_zero:
                     metrics.write(record)
-                progress.update(task, completed=state.step, loss=loss, lr=record["learning_rate"], tps=tokens_per_second)
+                progress.update(task, completed=loop.step, loss=loss, lr=record["learning_rate"], tps=tokens_per_second)
                 interval_tokens, interval_start = 0, time.perf_counter()
             else:
-                progress.update(task, completed=state.step)
+                progress.update(task, completed=loop.step)
 
-            if data.eval_rows and (state.step % config.eval_steps == 0 or state.step == total_steps):
-                eval_loss = evaluate(model, trainer, data.eval_rows, config.batch_size, device, precision, strategy)
+            if data.eval_rows and (loop.step % config.eval_steps == 0 or loop.step == total_steps):
+                evaluation = evaluate(model, trainer, data.eval_rows, config.batch_size, strategy)
                 if strategy.is_global_zero:
-                    metrics.write({"step": state.step, "epoch": record_epoch(state, order), "eval_loss": eval_loss, "device": device.name})
-                say(f"step {state.step}: eval_loss {eval_loss:.4f}")
-            if config.save_steps and state.step % config.save_steps == 0:
-                save(state)
+                    metrics.write({"step": loop.step, "epoch": order.epoch_progress(loop.epoch, loop.epoch_rows), **evaluation, "device": device.name})
+                say(f"step {loop.step}: eval_loss {evaluation['eval_loss']:.4f}")
+            if config.save_steps and loop.step % config.save_steps == 0:
+                save()
 
     final_dir = output_dir / "final"
     strategy.save_final(final_dir, model, tokenizer)
-    say(f"done: {state.step} steps; result in {final_dir}")
-    strategy.teardown()
-    return RunResult(output_dir, final_dir, state.step, device.name, precision)
+    say(f"done: {loop.step} steps; result in {final_dir}")
+    return RunResult(output_dir, final_dir, loop.step, device.name, plan.precision)
 
 
-#: options a checkpoint can only be resumed with unchanged: they shape the weights and optimizer
-#: state, or decide which rows each step sees.
-RESUME_INVARIANTS = (
-    "model", "adapter", "lora_rank", "lora_alpha", "target_modules", "optimizer",
-    "dataset", "val_split", "batch_size", "grad_accum", "packing", "max_length", "seed",
-)
+def check_every_rank_agrees(strategy: Strategy, choices: dict[str, str]) -> None:
+    """Every process must have made rank 0's choices (the same plugins installed, the same options)."""
+    gathered = strategy.all_gather_object(choices)
+    for rank, theirs in enumerate(gathered[1:], start=1):
+        different = [f"{key} {theirs.get(key)!r} where rank 0 chose {value!r}" for key, value in gathered[0].items() if theirs.get(key) != value]
+        if different:
+            raise ConfigError(
+                f"rank {rank} chose {', '.join(different)}; every process needs the same plugins installed and the same options"
+            )
 
 
-def run_identity(trainer_name: str, config: TrainConfig) -> dict[str, Any]:
-    options = config.to_dict()
-    return {"trainer": trainer_name, **{key: options[key] for key in RESUME_INVARIANTS}}
+def accumulate_gradients(model, trainer: Trainer, pieces, filler, strategy: Strategy):
+    """Forward and backward this rank's micro-batches of one optimizer step.
 
-
-def check_resumable(checkpoint: Path, identity: dict[str, Any], total_steps: int) -> None:
-    """Refuse to resume a checkpoint written by a different run, or one past this run's end."""
-    saved = read_loop_state(checkpoint)
-    changed = [
-        f"{key}: {saved.run_identity[key]!r} in the checkpoint, {identity[key]!r} now"
-        for key in identity
-        if key in saved.run_identity and saved.run_identity[key] != identity[key]
-    ]
-    if changed:
-        raise ConfigError(
-            f"{checkpoint} was written by a run with other options ({'; '.join(changed)}); "
-            "use the same options, or another --output-dir to start afresh"
-        )
-    if saved.step > total_steps:
-        raise ConfigError(
-            f"{checkpoint} is at step {saved.step}, past this run's {total_steps} steps; "
-            "raise --max-steps or --epochs, or use another --output-dir to start afresh"
-        )
-
-
-def record_epoch(state: LoopState, order: BatchOrder) -> float:
-    return state.epoch + state.micro_batch / order.micro_batches_per_epoch
-
-
-def accumulate_gradients(model, trainer: Trainer, micro_batches, strategy: Strategy, device: Device, precision: str, scaler):
-    """Forward and backward every micro-batch of one optimizer step; return the step's mean loss and metrics.
-
-    Each micro-batch's summed loss is divided by the item count of the whole step (over all
-    processes), so accumulation gives the gradient of one large batch.
+    Returns the step's mean loss per item, its trainer metrics per item, and the tokens
+    trained on, all over every rank. Each micro-batch's summed loss is divided by the item
+    count of the whole step over all ranks (and scaled for the strategy's gradient reduction),
+    so the applied gradient is the one of the whole global batch in one process. An empty
+    piece (the step's rows ran out) runs ``filler`` at zero weight: forward and backward are
+    collective, so every rank takes part in every micro-batch.
     """
-    items = strategy.reduce_sum(torch.tensor(sum(trainer.count_items(b) for b in micro_batches), dtype=torch.float64))
-    items = max(float(items), 1.0)
+    batches = [(trainer.collate(rows or filler), 1.0 if rows else 0.0) for rows in pieces]
+    local = torch.tensor(
+        [sum(trainer.count_items(batch) * weight for batch, weight in batches),
+         sum(int(batch["num_input_tokens"]) * weight for batch, weight in batches)],
+        dtype=torch.float64,
+    )
+    items, tokens = strategy.reduce(local).tolist()
+    items = max(items, 1.0)
+    backward_scale = strategy.dp_size if strategy.gradient_reduction == "mean" else 1
     loss_total = torch.zeros((), dtype=torch.float64)
     logged: dict[str, float] = {}
-    for index, batch in enumerate(micro_batches):
+    for index, (batch, weight) in enumerate(batches):
         batch = move_to(batch, strategy.root_device)
-        with strategy.no_sync(model, index < len(micro_batches) - 1), device.autocast(precision):
+        with strategy.no_sync(model, index < len(batches) - 1), strategy.autocast():
             output = trainer.compute_loss(model, batch)
-        strategy.backward(scaler.scale(output.loss / items))
-        loss_total += output.loss.detach().double().cpu()
+        strategy.backward(output.loss * (weight * backward_scale / items), model)
+        loss_total += output.loss.detach().double().cpu() * weight
         for key, value in output.metrics.items():
-            logged[key] = logged.get(key, 0.0) + float(value) / items
-    return float(strategy.reduce_sum(loss_total)) / items, logged
+            logged[key] = logged.get(key, 0.0) + float(value) * weight
+    keys = sorted(logged)
+    totals = strategy.reduce(torch.tensor([float(loss_total), *(logged[key] for key in keys)], dtype=torch.float64)).tolist()
+    return totals[0] / items, {key: value / items for key, value in zip(keys, totals[1:])}, int(tokens)
 
 
 def move_to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -286,16 +271,22 @@ def move_to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def evaluate(model, trainer: Trainer, rows, batch_size: int, device: Device, precision: str, strategy: Strategy) -> float:
-    """Mean loss per item over the evaluation rows."""
+def evaluate(model, trainer: Trainer, rows, batch_size: int, strategy: Strategy) -> dict[str, float]:
+    """``eval_loss`` and the trainer's metrics, per item over every evaluation row (shared out among ranks)."""
     model.eval()
-    loss_sum, items = 0.0, 0
-    for start in range(0, len(rows), batch_size):
-        batch = trainer.collate(rows[start : start + batch_size])
-        items += trainer.count_items(batch)
-        with device.autocast(precision):
-            loss_sum += float(trainer.compute_loss(model, move_to(batch, strategy.root_device)).loss)
+    loss_sum, items = 0.0, 0.0
+    logged: dict[str, float] = {}
+    for piece in shard_step(rows, strategy.dp_size, strategy.dp_rank, batch_size):
+        weight = 1.0 if piece else 0.0
+        batch = trainer.collate(piece or rows[:1])
+        items += trainer.count_items(batch) * weight
+        with strategy.autocast():
+            output = trainer.compute_loss(model, move_to(batch, strategy.root_device))
+        loss_sum += float(output.loss) * weight
+        for key, value in output.metrics.items():
+            logged[key] = logged.get(key, 0.0) + float(value) * weight
     model.train()
-    loss_sum = float(strategy.reduce_sum(torch.tensor(loss_sum, dtype=torch.float64)))
-    items = int(strategy.reduce_sum(torch.tensor(items)))
-    return loss_sum / max(items, 1)
+    keys = sorted(logged)
+    totals = strategy.reduce(torch.tensor([loss_sum, items, *(logged[key] for key in keys)], dtype=torch.float64)).tolist()
+    items = max(totals[1], 1.0)
+    return {"eval_loss": totals[0] / items, **{f"eval_{key}": value / items for key, value in zip(keys, totals[2:])}}

@@ -54,8 +54,17 @@ def tunesmith_register_devices() -> Iterable[DeviceSpec] | None:
 def tunesmith_register_strategies() -> Iterable[StrategySpec] | None:
     """Register parallel strategies (how the model is replicated or sharded).
 
-    Return :class:`StrategySpec` records; the strategy class is a dotted path or a class.
-    The built-in ``single`` strategy trains in one process on one device.
+    Return :class:`StrategySpec` records; the strategy class (a
+    :class:`tunesmith.strategy.Strategy` subclass) is a dotted path or a class. Set
+    ``distributed=True`` for a strategy that runs several processes. The built-in ``single``
+    strategy trains in one process on one device, ``ddp`` in several.
+
+    Example::
+
+        @hookimpl
+        def tunesmith_register_strategies():
+            return [StrategySpec(name="my-parallel", strategy="my_package.strategy:MyStrategy",
+                                 distributed=True)]
     """
 
 

@@ -62,11 +62,16 @@ class DeviceSpec:
 
 @dataclass(frozen=True)
 class StrategySpec:
-    """A parallel strategy: ``strategy`` is a :class:`tunesmith.strategy.Strategy` subclass or its path."""
+    """A parallel strategy: ``strategy`` is a :class:`tunesmith.strategy.Strategy` subclass or its path.
+
+    ``distributed`` says it runs several processes (started by a launcher, talking through
+    the device's collective backend); a single-process strategy refuses a multi-process job.
+    """
 
     name: str
     strategy: Any
     description: str = ""
+    distributed: bool = False
 
     def __post_init__(self):
         validate_name("strategy", self.name)

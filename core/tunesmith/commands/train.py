@@ -10,9 +10,17 @@ from tunesmith.config import click_options, resolve_config
 def make_train_command(trainer_name: str, description: str = "") -> click.Command:
     def run(config_file, **values):
         from tunesmith.engine import train
+        from tunesmith.launch import launch_processes
+        from tunesmith.plugins import create_plugin_manager
+        from tunesmith.runtime import plan_training
 
         config = resolve_config(click.get_current_context(), values, config_file)
-        train(trainer_name, config)
+        manager = create_plugin_manager()
+        plan = plan_training(trainer_name, config, manager)
+        if plan.needs_launch:
+            launch_processes(trainer_name, config, plan.launch)
+        else:
+            train(trainer_name, config, manager, plan=plan)
 
     help_text = f"Train with the {trainer_name!r} objective: {description}" if description else f"Train with the {trainer_name!r} objective."
     return click.command(trainer_name, help=help_text, context_settings={"show_default": True})(click_options(run))

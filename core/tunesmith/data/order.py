@@ -1,7 +1,8 @@
-"""The order rows are visited in: a fresh seeded permutation per epoch.
+"""The order rows are visited in: a fresh seeded permutation per epoch, taken a global batch at a time.
 
-The permutation depends only on the seed and the epoch, so a resumed run finds the exact
-micro-batch where the interrupted one stopped from ``(epoch, micro_batch)`` alone.
+The permutation depends only on the seed and the epoch, and the position is counted in rows
+of the whole job (``epoch``, ``epoch_rows``), not per process. A resumed run, on any number of
+processes with the same global batch, finds the exact rows where the interrupted one stopped.
 """
 
 from __future__ import annotations
@@ -12,25 +13,30 @@ import torch
 
 
 class BatchOrder:
-    def __init__(self, num_rows: int, batch_size: int, seed: int):
+    def __init__(self, num_rows: int, global_batch: int, seed: int):
         self.num_rows = num_rows
-        self.batch_size = batch_size
+        self.global_batch = global_batch
         self.seed = seed
-        self.micro_batches_per_epoch = math.ceil(num_rows / batch_size)
+        #: the last step of an epoch takes the rows that are left, so an epoch is whole steps
+        self.steps_per_epoch = math.ceil(num_rows / global_batch)
         self._epoch = -1
         self._permutation: list[int] = []
 
-    def indices(self, epoch: int, micro_batch: int) -> list[int]:
+    def step_rows(self, epoch: int, epoch_rows: int) -> list[int]:
+        """Indices of the rows one optimizer step trains on, over every data-parallel rank."""
         if epoch != self._epoch:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             self._permutation = torch.randperm(self.num_rows, generator=generator).tolist()
             self._epoch = epoch
-        start = micro_batch * self.batch_size
-        return self._permutation[start : start + self.batch_size]
+        return self._permutation[epoch_rows : epoch_rows + self.global_batch]
 
-    def advance(self, epoch: int, micro_batch: int) -> tuple[int, int]:
-        """The position after ``(epoch, micro_batch)``."""
-        micro_batch += 1
-        if micro_batch == self.micro_batches_per_epoch:
+    def advance(self, epoch: int, epoch_rows: int) -> tuple[int, int]:
+        """The position after the step at ``(epoch, epoch_rows)``."""
+        epoch_rows += self.global_batch
+        if epoch_rows >= self.num_rows:
             return epoch + 1, 0
-        return epoch, micro_batch
+        return epoch, epoch_rows
+
+    def epoch_progress(self, epoch: int, epoch_rows: int) -> float:
+        """Epochs done, as a fraction (2.5 is half-way through the third)."""
+        return epoch + epoch_rows / self.num_rows

@@ -20,11 +20,11 @@ def test_calls_are_recorded_in_memory_and_in_the_log_file(tmp_path, monkeypatch)
     log = tmp_path / "calls.log"
     monkeypatch.setenv(LOG_VARIABLE, str(log))
     device = FakeDevice()
-    device.setup(0)
+    device.setup(1)
     device.seed(3)
     fake_is_available()
-    assert FakeDevice.calls == ["setup", "seed"]
-    assert log.read_text().splitlines() == ["setup", "seed", "probe"]
+    assert FakeDevice.calls == ["setup:1", "seed"]
+    assert log.read_text().splitlines() == ["setup:1", "seed", "probe"]
 
 
 def test_the_probe_can_be_forced_unavailable(monkeypatch, tunesmith_plugin_manager):

@@ -1,7 +1,10 @@
 """``FakeDevice``: the CPU pretending to be an accelerator, keeping a log of what it was asked.
 
 Every method of :class:`tunesmith.device.Device` is overridden only to record its name and then
-do what the CPU does, so results are real CPU results.
+do what the CPU does, so results are real CPU results. ``setup`` records the local rank it was
+given (``setup:1``), the device count is ``$TUNESMITH_FAKE_DEVICE_COUNT`` (default 1), so a
+test can run one process per fake device, and its collective backend ``fakegloo`` (gloo
+underneath) records each process group made with it.
 
 Memory is simulated and deterministic: a total of 16 GiB, and a fixed 64 MiB per-process
 "context" counted as allocated from the first ``setup()`` on (0 before). ``peak`` is the most
@@ -11,12 +14,13 @@ blocks. Tests can therefore assert exact numbers in logged metrics.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
 
 from tunesmith.device import Device
-from tunesmith_fake_device.plugin import record_call
+from tunesmith_fake_device.plugin import COUNT_VARIABLE, record_call
 
 GiB = 1024**3
 MiB = 1024**2
@@ -24,9 +28,22 @@ SIMULATED_TOTAL = 16 * GiB
 SIMULATED_CONTEXT = 64 * MiB
 
 
+FAKE_BACKEND = "fakegloo"
+
+
+def _create_process_group(store, rank, world_size, timeout):
+    """The fake's collective backend: gloo underneath, recording that a process group was made with it."""
+    FakeDevice._record("process_group")
+    return torch.distributed.ProcessGroupGloo(store, rank, world_size, timeout)
+
+
+if FAKE_BACKEND not in torch.distributed.Backend.backend_list:
+    torch.distributed.Backend.register_backend(FAKE_BACKEND, _create_process_group, devices=["cpu"])
+
+
 class FakeDevice(Device):
     type = "cpu"
-    distributed_backend = "gloo"
+    distributed_backend = FAKE_BACKEND
 
     #: every call made to any FakeDevice in this process, in order (also appended to the log file)
     calls: list[str] = []
@@ -43,10 +60,10 @@ class FakeDevice(Device):
     @staticmethod
     def device_count() -> int:
         FakeDevice._record("device_count")
-        return 1
+        return int(os.environ.get(COUNT_VARIABLE, "1"))
 
     def setup(self, local_rank: int = 0) -> torch.device:
-        self._record("setup")
+        self._record(f"setup:{local_rank}")
         self._allocated = SIMULATED_CONTEXT
         self._peak = max(self._peak, self._allocated)
         return torch.device("cpu")

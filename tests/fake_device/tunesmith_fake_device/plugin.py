@@ -12,6 +12,8 @@ from tunesmith.records import DeviceSpec
 AVAILABLE_VARIABLE = "TUNESMITH_FAKE_DEVICE_AVAILABLE"
 #: a file to which every recorded call is appended, one name per line (see ``record_call``).
 LOG_VARIABLE = "TUNESMITH_FAKE_DEVICE_LOG"
+#: how many fake devices this machine pretends to have.
+COUNT_VARIABLE = "TUNESMITH_FAKE_DEVICE_COUNT"
 
 FAKE_PRIORITY = 10
 

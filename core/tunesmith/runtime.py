@@ -1,0 +1,95 @@
+"""What a training run decides before it touches data or weights, in every process alike.
+
+:func:`plan_training` selects the device and precision, the strategy and the process count,
+resolves the model folder and the checkpoint to resume, and refuses what cannot work: a
+multi-process job under a single-process strategy, a distributed strategy on a device without
+a collective backend, a checkpoint from another run. The ``tunesmith`` command plans once
+before it starts any process, so those mistakes cost seconds; every process then plans again
+for itself (each builds its own plugin manager) and the engine checks that all agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tunesmith.checkpoint import find_resume_checkpoint
+from tunesmith.device import Device
+from tunesmith.errors import ConfigError
+from tunesmith.launch import LaunchOptions, ProcessEnvironment
+from tunesmith.models import resolve_model
+from tunesmith.plugins import PluginManager, build_device
+from tunesmith.records import Registered
+from tunesmith.resume import check_identity, run_identity
+
+
+@dataclass
+class TrainingPlan:
+    trainer_name: str
+    config: object
+    device: Device
+    device_reason: str
+    precision: str
+    strategy: Registered
+    environment: ProcessEnvironment
+    launch: LaunchOptions
+    world_size: int
+    model_path: Path
+    resume_from: Path | None
+    identity: dict
+
+    @property
+    def needs_launch(self) -> bool:
+        """True in the command a user typed with several processes: it must start them."""
+        return not self.environment.launched and self.world_size > 1
+
+    @property
+    def global_batch(self) -> int:
+        return self.identity["global_batch"]
+
+
+def plan_training(trainer_name: str, config, manager: PluginManager, environment: ProcessEnvironment | None = None) -> TrainingPlan:
+    environment = environment or ProcessEnvironment.from_environ()
+    manager.get("trainer", trainer_name)
+    choice = manager.select_device(config.device)
+    device = build_device(choice.candidate.registered)
+    precision = device.resolve_precision(config.precision)
+    strategy = manager.get("strategy", config.strategy)
+
+    nproc_per_node = process_count(config.nproc_per_node, device, environment)
+    world_size = environment.world_size if environment.launched else nproc_per_node * config.nnodes
+    if world_size > 1 and not strategy.spec.distributed:
+        fitting = sorted(name for name, registered in manager.collect("strategy").items() if registered.spec.distributed)
+        raise ConfigError(
+            f"--strategy {config.strategy} runs one process, but this job has {world_size}; "
+            f"choose a multi-process strategy: {', '.join(fitting) or 'none is installed'}"
+        )
+    if strategy.spec.distributed and not device.distributed_backend:
+        raise ConfigError(
+            f"--strategy {config.strategy} needs collectives between processes, and device {device.name!r} has no "
+            "collective backend; use --strategy single"
+        )
+
+    strategy_class = strategy.load()
+    global_batch = config.batch_size * config.grad_accum * world_size
+    identity = run_identity(trainer_name, config, global_batch, strategy_class.checkpoint_format, world_size)
+    resume_from = find_resume_checkpoint(Path(config.output_dir), config.resume)
+    if resume_from is not None:
+        check_identity(resume_from, identity, strategy_class.reshards_checkpoints)
+    launch = LaunchOptions(nproc_per_node, config.nnodes, config.node_rank, config.master_addr, config.master_port)
+    return TrainingPlan(
+        trainer_name, config, device, choice.reason, precision, strategy, environment, launch, world_size,
+        resolve_model(config.model), resume_from, identity,
+    )
+
+
+def process_count(requested: str, device: Device, environment: ProcessEnvironment) -> int:
+    """Processes on this machine: ``--nproc-per-node`` (``auto`` is the device count), or what the launcher started."""
+    if environment.launched:
+        if requested not in ("1", "auto") and int(requested) != environment.local_world_size:
+            raise ConfigError(
+                f"--nproc-per-node {requested}: the launcher already started {environment.local_world_size} process(es) "
+                "on this machine; leave the option out when a launcher starts the processes"
+            )
+        return environment.local_world_size
+    return device.device_count() if requested == "auto" else int(requested)
