@@ -12,8 +12,10 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 import torch.multiprocessing
@@ -46,6 +48,7 @@ def pt_args(model_dir, data, output, adapter: str, batch_size: int) -> list[str]
 
 
 def launched(args: list[str], launcher: list[str], **env: str) -> subprocess.CompletedProcess:
+    """``LAUNCHER ARGS`` in new processes (``launcher`` is TORCHRUN or TUNESMITH)."""
     return subprocess.run(
         [*launcher, *args], capture_output=True, text=True, timeout=TIMEOUT_S, env={**os.environ, "OMP_NUM_THREADS": "1", **env}
     )
@@ -70,39 +73,99 @@ def assert_same_training(first: Path, second: Path) -> None:
         torch.testing.assert_close(a[key], b[key], rtol=RTOL, atol=ATOL, msg=key)
 
 
+def pt_with(args: list[str], *extra: str) -> list[str]:
+    """``pt ARGS`` with ``extra`` options inserted after the command name."""
+    return [args[0], *extra, *args[1:]]
+
+
 @pytest.mark.parametrize(
-    ("adapter", "launcher"),
-    [("lora", TORCHRUN), ("full", TUNESMITH + ["--nproc-per-node", "2"])],
-    ids=["lora-under-torchrun", "full-with-nproc-per-node"],
+    ("strategy", "adapter", "launcher"),
+    [("ddp", "lora", TORCHRUN), ("ddp", "full", TUNESMITH), ("fsdp", "lora", TUNESMITH), ("fsdp", "full", TORCHRUN)],
+    ids=["ddp-lora-torchrun", "ddp-full", "fsdp-lora", "fsdp-full-torchrun"],
 )
-def test_ddp_trains_like_one_process_and_resumes_on_one(tiny_model_dir, tmp_path, adapter, launcher):
+def test_two_processes_train_like_one_and_resume_on_one(tiny_model_dir, tmp_path, strategy, adapter, launcher):
     # 22 rows in global batches of 8: the third step of each epoch has 6 rows, so one rank's
     # last micro-batch there is empty and runs at zero weight.
     data = corpus(tmp_path / "corpus.jsonl")
     single = tmp_path / "single"
     assert run_cli(*pt_args(tiny_model_dir, data, single, adapter, batch_size=4)) == 0
 
-    ddp = tmp_path / "ddp"
-    if launcher is TORCHRUN:
-        result = launched(pt_args(tiny_model_dir, data, ddp, adapter, 2) + ["--strategy", "ddp"], TORCHRUN)
-    else:
-        args = pt_args(tiny_model_dir, data, ddp, adapter, 2)
-        result = launched([args[0], "--nproc-per-node", "2", "--strategy", "ddp", *args[1:]], TUNESMITH)
+    multi = tmp_path / strategy
+    extra = ["--strategy", strategy] if launcher is TORCHRUN else ["--strategy", strategy, "--nproc-per-node", "2"]
+    result = launched(pt_with(pt_args(tiny_model_dir, data, multi, adapter, 2), *extra), launcher)
     assert result.returncode == 0, result.stderr
     assert "global batch 8 rows (--batch-size 2 x --grad-accum 2 x 2)" in result.stdout
-    assert_same_training(single, ddp)
-    checkpoint = ddp / "checkpoint-2"
-    assert {"rng_state-rank0.pt", "rng_state-rank1.pt", "optimizer.pt", "trainer_state.json"} <= {p.name for p in checkpoint.iterdir()}
-    assert not any(p.name.startswith(".staging") for p in ddp.iterdir())
+    assert_same_training(single, multi)
+    checkpoint = multi / "checkpoint-2"
+    assert {"rng_state-rank0.pt", "rng_state-rank1.pt", "trainer_state.json"} <= {p.name for p in checkpoint.iterdir()}
+    assert not any(p.name.startswith(".staging") for p in multi.iterdir())
 
-    # Resume the 2-process checkpoint in one process with the same global batch (4 x 2 x 1).
+    # Resume the 2-process checkpoint in one process with the same global batch (4 x 2 x 1):
+    # ddp's whole-model checkpoint in a plain single-process run, fsdp's sharded one resharded.
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(checkpoint, resumed / "checkpoint-2")
-    assert run_cli(*pt_args(tiny_model_dir, data, resumed, adapter, batch_size=4)) == 0
+    one_process = "fsdp" if strategy == "fsdp" else "single"
+    assert run_cli(*pt_with(pt_args(tiny_model_dir, data, resumed, adapter, batch_size=4), "--strategy", one_process)) == 0
     assert [line["step"] for line in read_metrics(resumed)] == [3, 4, 5]
     for key, value in final_weights(single).items():
         torch.testing.assert_close(final_weights(resumed)[key], value, rtol=RTOL, atol=ATOL, msg=key)
+
+
+def test_an_fsdp_checkpoint_from_one_process_resumes_on_two(tiny_model_dir, tmp_path):
+    data = corpus(tmp_path / "corpus.jsonl")
+    single = tmp_path / "single"
+    assert run_cli(*pt_args(tiny_model_dir, data, single, "lora", batch_size=4)) == 0
+    one = tmp_path / "one"
+    assert run_cli(*pt_args(tiny_model_dir, data, one, "lora", batch_size=4), "--strategy", "fsdp") == 0
+    assert (one / "checkpoint-2" / "sharded").is_dir()
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(one / "checkpoint-2", resumed / "checkpoint-2")
+
+    # A different global batch is refused before any process starts, naming both process counts.
+    two = ("--strategy", "fsdp", "--nproc-per-node", "2")
+    refused = launched(pt_with(pt_args(tiny_model_dir, data, resumed, "lora", 4), *two), TUNESMITH)
+    assert refused.returncode != 0
+    assert "written by 1 process(es) and this run has 2" in refused.stderr and "--grad-accum" in refused.stderr
+
+    result = launched(pt_with(pt_args(tiny_model_dir, data, resumed, "lora", 2), *two), TUNESMITH)
+    assert result.returncode == 0, result.stderr
+    assert "resuming from" in result.stdout
+    assert [line["step"] for line in read_metrics(resumed)] == [3, 4, 5]
+    for key, value in final_weights(single).items():
+        torch.testing.assert_close(final_weights(resumed)[key], value, rtol=RTOL, atol=ATOL, msg=key)
+
+
+def test_a_killed_fsdp_job_rerun_ends_like_an_uninterrupted_run(tiny_model_dir, tmp_path):
+    data = corpus(tmp_path / "corpus.jsonl")
+
+    def args(output: Path, batch_size: int) -> list[str]:
+        return pt_args(tiny_model_dir, data, output, "lora", batch_size) + ["--max-steps", "24"]  # the last --max-steps wins
+
+    single = tmp_path / "single"
+    assert run_cli(*args(single, 4)) == 0
+
+    killed = tmp_path / "killed"
+    command = [*TUNESMITH, *pt_with(args(killed, 2), "--strategy", "fsdp", "--nproc-per-node", "2")]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + TIMEOUT_S
+    while not (killed / "checkpoint-4").is_dir():
+        assert process.poll() is None, process.stderr.read().decode()
+        assert time.monotonic() < deadline, "the run never wrote its second checkpoint"
+        time.sleep(0.01)
+    # The launcher and both workers die at once, as when the machine fails (the elastic agent
+    # starts workers in sessions of their own, so killing its process group would spare them).
+    for doomed in [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]:
+        doomed.kill()
+    process.wait()
+    assert not (killed / "final").exists(), "the run finished before it could be killed"
+
+    rerun = launched(command[len(TUNESMITH):], TUNESMITH)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "resuming from" in rerun.stdout
+    assert [line["step"] for line in read_metrics(killed)] == list(range(1, 25))
+    assert_same_training(single, killed)
 
 
 class RecordingPT(PretrainTrainer):

@@ -4,7 +4,7 @@ from tunesmith.device import Device
 from tunesmith.errors import ConfigError, DataError, PluginError, TrainingError, TunesmithError
 from tunesmith.hooks import hookimpl, hookspec
 from tunesmith.plugins import create_plugin_manager
-from tunesmith.records import DeviceSpec, OptimizerSpec, RewardSpec, StrategySpec, TrainerSpec
+from tunesmith.records import DeviceSpec, OptimizerSpec, OptionSpec, RewardSpec, StrategySpec, TrainerSpec
 from tunesmith.strategy import Strategy
 from tunesmith.trainer import LossOutput, Trainer
 
@@ -15,6 +15,7 @@ __all__ = [
     "DeviceSpec",
     "LossOutput",
     "OptimizerSpec",
+    "OptionSpec",
     "PluginError",
     "RewardSpec",
     "Strategy",

@@ -1,8 +1,8 @@
-"""Registrations of what ships inside the core: the cpu device and the ``single`` and ``ddp`` strategies."""
+"""Registrations of what ships inside the core: the cpu device and the ``single``, ``ddp`` and ``fsdp`` strategies."""
 
 from tunesmith.devices.cpu import CPU_PRIORITY, cpu_is_available
 from tunesmith.hooks import hookimpl
-from tunesmith.records import DeviceSpec, StrategySpec
+from tunesmith.records import DeviceSpec, OptionSpec, StrategySpec
 
 
 @hookimpl
@@ -31,5 +31,14 @@ def tunesmith_register_strategies():
             strategy="tunesmith.strategies.ddp:DDPStrategy",
             description="data parallel: the whole model on every process, gradients averaged (DistributedDataParallel)",
             distributed=True,
+        ),
+        StrategySpec(
+            name="fsdp",
+            strategy="tunesmith.strategies.fsdp:FSDPStrategy",
+            description="fully sharded data parallel (FSDP2): parameters, gradients and optimizer state sharded per decoder layer",
+            distributed=True,
+            options=(
+                OptionSpec("fsdp_cpu_offload", False, "Keep sharded parameters, gradients and the optimizer step on the CPU."),
+            ),
         ),
     ]

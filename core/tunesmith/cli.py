@@ -25,23 +25,25 @@ class TunesmithGroup(click.Group):
     """Built-in commands plus one training command per registered trainer."""
 
     def list_commands(self, ctx):
-        return sorted(set(BUILTIN_COMMANDS) | set(_trainers()))
+        return sorted(set(BUILTIN_COMMANDS) | set(_manager().collect("trainer")))
 
     def get_command(self, ctx, name):
         if name in BUILTIN_COMMANDS:
             return BUILTIN_COMMANDS[name]
-        trainers = _trainers()
+        manager = _manager()
+        trainers = manager.collect("trainer")
         if name in trainers:
             from tunesmith.commands.train import make_train_command
+            from tunesmith.config import collect_plugin_options
 
-            return make_train_command(name, trainers[name].spec.description)
+            return make_train_command(name, trainers[name].spec.description, collect_plugin_options(manager))
         return None
 
 
-def _trainers() -> dict:
+def _manager():
     from tunesmith.plugins import create_plugin_manager
 
-    return create_plugin_manager().collect("trainer")
+    return create_plugin_manager()
 
 
 @click.group(cls=TunesmithGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})

@@ -17,8 +17,9 @@ from typing import Any
 import click
 import yaml
 
-from tunesmith.errors import ConfigError
+from tunesmith.errors import ConfigError, PluginError
 from tunesmith.models import ALIASES
+from tunesmith.records import OptionSpec
 
 
 def option(default: Any, help: str, type: Any = None, multiple: bool = False, flag: bool = False) -> Any:
@@ -95,30 +96,74 @@ class TrainConfig:
     save_total_limit: int = option(0, "Keep at most N checkpoints (the newest is never deleted); 0 keeps all.", NON_NEGATIVE)
     resume: str = option("auto", "auto: continue from the newest complete checkpoint; never; or a checkpoint folder.")
 
+    #: values of the options plugins declare (``zero_stage`` ...), by name
+    plugin_options: dict[str, Any] = field(default_factory=dict)
+
     def to_dict(self) -> dict[str, Any]:
-        return {key: list(value) if isinstance(value, tuple) else value for key, value in dataclasses.asdict(self).items()}
+        """Every option by its YAML key, plugins' own included."""
+        values = {key: list(value) if isinstance(value, tuple) else value for key, value in dataclasses.asdict(self).items()}
+        values.update(values.pop("plugin_options"))
+        return values
 
 
-FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig) if "help" in f.metadata}
+
+
+@dataclass(frozen=True)
+class PluginOption:
+    """An option declared by a plugin (``kind`` ``strategy``, ``owner`` ``deepspeed``)."""
+
+    kind: str
+    owner: str
+    spec: OptionSpec
+
+
+def collect_plugin_options(manager) -> dict[str, PluginOption]:
+    """Every option the installed strategies declare, by name; a name taken twice is an error naming both."""
+    found: dict[str, PluginOption] = {}
+    for owner, registered in manager.collect("strategy").items():
+        for spec in registered.spec.options:
+            if spec.name in FIELDS:
+                raise PluginError(f"strategy {owner!r} (distribution {registered.distribution}) declares option {spec.name!r}, which is tunesmith's own")
+            if spec.name in found:
+                raise PluginError(f"option {spec.name!r} is declared by strategy {found[spec.name].owner!r} and by strategy {owner!r}")
+            found[spec.name] = PluginOption("strategy", owner, spec)
+    return found
 
 
 def flag_name(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
-def click_options(command):
-    """Decorate a click command with one option per :class:`TrainConfig` field, plus ``--config``."""
-    for f in reversed(list(FIELDS.values())):
-        meta = f.metadata
+def option_definitions(plugin_options: dict[str, PluginOption]) -> dict[str, tuple[Any, dict[str, Any]]]:
+    """``(default, metadata)`` of every option, tunesmith's own then the plugins', by name."""
+    definitions = {}
+    for f in FIELDS.values():
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        definitions[f.name] = (default, f.metadata)
+    for name, declared in plugin_options.items():
+        spec = declared.spec
+        meta = {
+            "help": f"{spec.help} (option of {declared.kind} {declared.owner})",
+            "type": spec.type or (None if spec.flag else type(spec.default)),
+            "multiple": False,
+            "flag": spec.flag,
+        }
+        definitions[name] = (spec.default, meta)
+    return definitions
+
+
+def click_options(command, plugin_options: dict[str, PluginOption] | None = None):
+    """Decorate a click command with one option per :class:`TrainConfig` field and plugin option, plus ``--config``."""
+    for name, (default, meta) in reversed(list(option_definitions(plugin_options or {}).items())):
         if meta["flag"]:
             # --packing/--no-packing rather than a bare switch, so --help can show the default.
-            switch = f"{flag_name(f.name)}/--no-{f.name.replace('_', '-')}"
-            decorator = click.option(switch, f.name, default=default, help=meta["help"], show_default=True)
+            switch = f"{flag_name(name)}/--no-{name.replace('_', '-')}"
+            decorator = click.option(switch, name, default=default, help=meta["help"], show_default=True)
         else:
             decorator = click.option(
-                flag_name(f.name),
-                f.name,
+                flag_name(name),
+                name,
                 type=meta["type"],
                 default=default,
                 multiple=meta["multiple"],
@@ -134,15 +179,23 @@ def click_options(command):
     )(command)
 
 
-def resolve_config(ctx: click.Context, values: dict[str, Any], config_file: Path | None) -> TrainConfig:
+def resolve_config(
+    ctx: click.Context, values: dict[str, Any], config_file: Path | None, plugin_options: dict[str, PluginOption] | None = None
+) -> TrainConfig:
     """Merge defaults, the YAML file and command-line flags into a validated :class:`TrainConfig`."""
+    plugin_options = plugin_options or {}
+    definitions = option_definitions(plugin_options)
     resolved = dict(values)
     if config_file is not None:
-        for key, raw in load_config_file(config_file).items():
+        for key, raw in load_config_file(config_file, definitions).items():
             if ctx.get_parameter_source(key) == click.core.ParameterSource.COMMANDLINE:
                 continue
-            resolved[key] = cast_value(ctx, config_file, key, raw)
-    config = TrainConfig(**resolved)
+            resolved[key] = cast_value(ctx, config_file, key, raw, definitions[key][1])
+    config = TrainConfig(**{key: value for key, value in resolved.items() if key not in plugin_options})
+    config.plugin_options = {key: resolved[key] for key in plugin_options if key in resolved}
+    for key, declared in plugin_options.items():
+        if declared.kind == "strategy" and declared.owner != config.strategy and config.plugin_options.get(key, declared.spec.default) != declared.spec.default:
+            raise ConfigError(f"{flag_name(key)} is an option of strategy {declared.owner}; this run uses --strategy {config.strategy}")
     if not config.dataset:
         raise ConfigError("no training data: pass --dataset PATH (or a dataset key in --config)")
     for key, value in config.to_dict().items():
@@ -160,7 +213,7 @@ def resolve_config(ctx: click.Context, values: dict[str, Any], config_file: Path
     return config
 
 
-def load_config_file(path: Path) -> dict[str, Any]:
+def load_config_file(path: Path, definitions: dict[str, Any]) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"--config {path}: no such file")
     try:
@@ -169,15 +222,14 @@ def load_config_file(path: Path) -> dict[str, Any]:
         raise ConfigError(f"--config {path}: not valid YAML ({error})") from error
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of option names to values, got {type(data).__name__}")
-    unknown = sorted(set(data) - set(FIELDS))
+    unknown = sorted(set(data) - set(definitions))
     if unknown:
-        raise ConfigError(f"{path}: unknown key {unknown[0]!r}; valid keys: {', '.join(FIELDS)}")
+        raise ConfigError(f"{path}: unknown key {unknown[0]!r}; valid keys: {', '.join(definitions)}")
     return data
 
 
-def cast_value(ctx: click.Context, path: Path, key: str, raw: Any) -> Any:
+def cast_value(ctx: click.Context, path: Path, key: str, raw: Any, meta: dict[str, Any]) -> Any:
     param = next(p for p in ctx.command.params if p.name == key)
-    meta = FIELDS[key].metadata
     if raw is None:
         raise ConfigError(f"{path}: key {key!r}: expected a value, got nothing (null)")
     if meta["multiple"] and not isinstance(raw, list):

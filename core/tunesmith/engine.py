@@ -60,7 +60,8 @@ def train(
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"--output-dir {output_dir}: exists and is not a folder")
     plan = plan or plan_training(trainer_name, config, manager)
-    strategy: Strategy = plan.strategy.load()(plan.device, plan.precision, plan.environment)
+    options = {spec.name: config.plugin_options.get(spec.name, spec.default) for spec in plan.strategy.spec.options}
+    strategy: Strategy = plan.strategy.load()(plan.device, plan.precision, plan.environment, options)
     strategy.name = plan.strategy.spec.name
     strategy.setup_environment()
     try:

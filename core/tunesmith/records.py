@@ -39,6 +39,32 @@ def load_object(ref: Any) -> Any:
     return obj
 
 
+OPTION_NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """An option a plugin reads: the flag ``--zero-stage`` and the YAML key ``zero_stage``.
+
+    ``type`` is a click type or a Python type (``int``, ``float``, ``str``); left out, it is
+    the default's type. A ``bool`` default makes a ``--name/--no-name`` switch. The value
+    reaches the plugin in its ``options`` mapping under ``name``.
+    """
+
+    name: str
+    default: Any
+    help: str
+    type: Any = None
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not OPTION_NAME_PATTERN.match(self.name):
+            raise PluginError(f"invalid option name {self.name!r}: expected lowercase letters, digits and '_', starting with a letter")
+
+    @property
+    def flag(self) -> bool:
+        return isinstance(self.default, bool)
+
+
 @dataclass(frozen=True)
 class DeviceSpec:
     """A hardware family: ``device`` is a :class:`tunesmith.device.Device` subclass or its path.
@@ -66,12 +92,15 @@ class StrategySpec:
 
     ``distributed`` says it runs several processes (started by a launcher, talking through
     the device's collective backend); a single-process strategy refuses a multi-process job.
+    ``options`` are the strategy's own :class:`OptionSpec` flags and YAML keys; the strategy
+    receives their values as ``options``.
     """
 
     name: str
     strategy: Any
     description: str = ""
     distributed: bool = False
+    options: tuple[OptionSpec, ...] = ()
 
     def __post_init__(self):
         validate_name("strategy", self.name)

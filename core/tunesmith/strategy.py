@@ -29,7 +29,7 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ClassVar
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 
@@ -59,10 +59,14 @@ class Strategy(ABC):
     #: whether its checkpoints resume on a different number of processes
     reshards_checkpoints: ClassVar[bool] = True
 
-    def __init__(self, device: Device, precision: str, environment: ProcessEnvironment | None = None):
+    def __init__(
+        self, device: Device, precision: str, environment: ProcessEnvironment | None = None, options: Mapping[str, Any] | None = None
+    ):
         self.device = device
         self.precision = precision
         self.environment = environment or ProcessEnvironment.from_environ()
+        #: values of the options declared on this strategy's :class:`~tunesmith.records.StrategySpec`
+        self.options = dict(options or {})
         self.root_device: torch.device | None = None
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
@@ -178,7 +182,7 @@ class Strategy(ABC):
             scaler_state = self.scaler.state_dict() if self.scaler.is_enabled() else None
             if self.is_global_zero:
                 save_replicated(staging, state, self.unwrap(state.model), scaler_state)
-            torch.save(self.device.get_rng_state(), staging / rng_file(self.rank))
+            self.save_rng_state(staging)
 
         self.write_atomically(folder, write)
 
@@ -187,10 +191,17 @@ class Strategy(ABC):
         loaded = load_replicated(folder, state, self.unwrap(state.model))
         if loaded.scaler_state is not None:
             self.scaler.load_state_dict(loaded.scaler_state)
-        own = folder / rng_file(self.rank)
-        # A run resumed on more processes than it was saved with: the new ranks start from rank 0's generators.
-        self.device.set_rng_state(torch.load(own if own.is_file() else folder / rng_file(0), weights_only=True))
+        self.load_rng_state(folder)
         return loaded
+
+    def save_rng_state(self, folder: Path) -> None:
+        """Write this process's random-generator states into a checkpoint folder."""
+        torch.save(self.device.get_rng_state(), folder / f"rng_state-rank{self.rank}.pt")
+
+    def load_rng_state(self, folder: Path) -> None:
+        own = folder / f"rng_state-rank{self.rank}.pt"
+        # A run resumed on more processes than it was saved with: the new ranks start from rank 0's generators.
+        self.device.set_rng_state(torch.load(own if own.is_file() else folder / "rng_state-rank0.pt", weights_only=True))
 
     def save_final(self, folder: Path, model: torch.nn.Module, tokenizer) -> None:
         """Write the trained result (peft adapter or full model, plus tokenizer) atomically, unsharded."""
@@ -205,10 +216,6 @@ class Strategy(ABC):
 
     def teardown(self) -> None:
         """Release the process group and other resources (called even when training failed)."""
-
-
-def rng_file(rank: int) -> str:
-    return f"rng_state-rank{rank}.pt"
 
 
 class SingleDeviceStrategy(Strategy):

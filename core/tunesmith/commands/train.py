@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import click
 
-from tunesmith.config import click_options, resolve_config
+from tunesmith.config import PluginOption, click_options, resolve_config
 
 
-def make_train_command(trainer_name: str, description: str = "") -> click.Command:
+def make_train_command(trainer_name: str, description: str = "", plugin_options: dict[str, PluginOption] | None = None) -> click.Command:
     def run(config_file, **values):
         from tunesmith.engine import train
         from tunesmith.launch import launch_processes
         from tunesmith.plugins import create_plugin_manager
         from tunesmith.runtime import plan_training
 
-        config = resolve_config(click.get_current_context(), values, config_file)
+        config = resolve_config(click.get_current_context(), values, config_file, plugin_options)
         manager = create_plugin_manager()
         plan = plan_training(trainer_name, config, manager)
         if plan.needs_launch:
@@ -23,4 +23,4 @@ def make_train_command(trainer_name: str, description: str = "") -> click.Comman
             train(trainer_name, config, manager, plan=plan)
 
     help_text = f"Train with the {trainer_name!r} objective: {description}" if description else f"Train with the {trainer_name!r} objective."
-    return click.command(trainer_name, help=help_text, context_settings={"show_default": True})(click_options(run))
+    return click.command(trainer_name, help=help_text, context_settings={"show_default": True})(click_options(run, plugin_options))

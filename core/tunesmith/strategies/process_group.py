@@ -24,7 +24,9 @@ class ProcessGroupStrategy(Strategy):
     def setup_environment(self) -> None:
         self.root_device = self.device.setup(self.local_rank)
         if not dist.is_initialized():
-            dist.init_process_group(backend=self.device.distributed_backend, rank=self.rank, world_size=self.world_size)
+            # One process that no launcher started (fsdp on one device, resuming a sharded run) needs no rendezvous.
+            store = None if self.environment.launched else dist.HashStore()
+            dist.init_process_group(backend=self.device.distributed_backend, rank=self.rank, world_size=self.world_size, store=store)
 
     def reduce(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
         if op not in (*REDUCE_OPS, "mean"):
