@@ -197,3 +197,28 @@ def test_registering_after_a_collect_is_seen_and_failures_are_reported_once():
     assert "late" not in manager.collect("device")
     manager.collect("reward")
     assert len(manager.failures) == 1
+
+
+def test_import_tunesmith_is_cheap_and_every_public_name_resolves():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, tunesmith; cheap = 'torch' not in sys.modules; "
+        "[getattr(tunesmith, name) for name in tunesmith.__all__]; print(cheap)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "True"
+
+
+def test_plugins_use_only_the_public_api():
+    """A built-in plugin imports from ``tunesmith`` (or ``tunesmith.testing``) only, as a third party would."""
+    import re
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    private = re.compile(r"^\s*(from|import) tunesmith\.(?!testing\b)[a-z_.]+", re.MULTILINE)
+    sources = [*repo.glob("plugins/*/tunesmith_*/*.py"), *repo.glob("tests/fake_device/tunesmith_fake_device/*.py")]
+    assert sources
+    offenders = [f"{path.relative_to(repo)}: {match.group(0).strip()}" for path in sources for match in private.finditer(path.read_text())]
+    assert offenders == []

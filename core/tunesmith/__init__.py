@@ -1,30 +1,84 @@
-"""tunesmith: fine-tune, align and serve language models on any hardware, extended by plugins."""
+"""tunesmith: fine-tune, align and serve language models on any hardware, extended by plugins.
 
-from tunesmith.device import Device
+This module is the public API a plugin may rely on. Its names are imported when first used
+(PEP 562), so ``import tunesmith`` (and an entry-point module importing ``hookimpl`` or a
+record type) stays cheap and imports neither torch nor any device backend.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from tunesmith.errors import ConfigError, DataError, PluginError, TrainingError, TunesmithError
 from tunesmith.hooks import hookimpl, hookspec
-from tunesmith.plugins import create_plugin_manager
 from tunesmith.records import DeviceSpec, OptimizerSpec, OptionSpec, RewardSpec, StrategySpec, TrainerSpec
-from tunesmith.strategy import Strategy
-from tunesmith.trainer import LossOutput, Trainer
+
+#: public names defined in modules that import torch, by the module that defines them
+_LAZY = {
+    "Device": "tunesmith.device",
+    "Strategy": "tunesmith.strategy",
+    "StepOutcome": "tunesmith.strategy",
+    "Trainer": "tunesmith.trainer",
+    "LossOutput": "tunesmith.trainer",
+    "Example": "tunesmith.data.types",
+    "Sample": "tunesmith.data.types",
+    "IGNORE_INDEX": "tunesmith.data.types",
+    "tokenize_chat": "tunesmith.data.tokenize",
+    "tokenize_text": "tunesmith.data.tokenize",
+    "collate_causal": "tunesmith.data.collate",
+    "causal_lm_loss": "tunesmith.losses",
+    "create_plugin_manager": "tunesmith.plugins",
+}
+
+if TYPE_CHECKING:
+    from tunesmith.data.collate import collate_causal
+    from tunesmith.data.tokenize import tokenize_chat, tokenize_text
+    from tunesmith.data.types import IGNORE_INDEX, Example, Sample
+    from tunesmith.device import Device
+    from tunesmith.losses import causal_lm_loss
+    from tunesmith.plugins import create_plugin_manager
+    from tunesmith.strategy import StepOutcome, Strategy
+    from tunesmith.trainer import LossOutput, Trainer
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'tunesmith' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
 
 __all__ = [
     "ConfigError",
     "DataError",
     "Device",
     "DeviceSpec",
+    "Example",
+    "IGNORE_INDEX",
     "LossOutput",
     "OptimizerSpec",
     "OptionSpec",
     "PluginError",
     "RewardSpec",
+    "Sample",
+    "StepOutcome",
     "Strategy",
     "StrategySpec",
     "Trainer",
     "TrainerSpec",
     "TrainingError",
     "TunesmithError",
+    "causal_lm_loss",
+    "collate_causal",
     "create_plugin_manager",
     "hookimpl",
     "hookspec",
+    "tokenize_chat",
+    "tokenize_text",
 ]

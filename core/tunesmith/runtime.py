@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tunesmith.checkpoint import find_resume_checkpoint
 from tunesmith.device import Device
@@ -22,11 +23,14 @@ from tunesmith.plugins import PluginManager, build_device
 from tunesmith.records import Registered
 from tunesmith.resume import check_identity, run_identity
 
+if TYPE_CHECKING:
+    from tunesmith.config import TrainConfig
+
 
 @dataclass
 class TrainingPlan:
     trainer_name: str
-    config: object
+    config: TrainConfig
     device: Device
     device_reason: str
     precision: str
@@ -48,7 +52,7 @@ class TrainingPlan:
         return self.identity["global_batch"]
 
 
-def plan_training(trainer_name: str, config, manager: PluginManager, environment: ProcessEnvironment | None = None) -> TrainingPlan:
+def plan_training(trainer_name: str, config: TrainConfig, manager: PluginManager, environment: ProcessEnvironment | None = None) -> TrainingPlan:
     environment = environment or ProcessEnvironment.from_environ()
     manager.get("trainer", trainer_name)
     choice = manager.select_device(config.device)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from tunesmith.hooks import hookimpl
-from tunesmith.records import OptimizerSpec
+from tunesmith import OptimizerSpec, hookimpl
 
 
 def build_adamw(param_groups, learning_rate: float, **options) -> torch.optim.Optimizer:

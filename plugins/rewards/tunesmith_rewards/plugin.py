@@ -1,7 +1,6 @@
 """The entry-point module: registers the reward functions by dotted path."""
 
-from tunesmith.hooks import hookimpl
-from tunesmith.records import RewardSpec
+from tunesmith import RewardSpec, hookimpl
 
 
 @hookimpl

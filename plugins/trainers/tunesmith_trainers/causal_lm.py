@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tunesmith.data.collate import collate_causal
-from tunesmith.data.types import Sample
-from tunesmith.losses import causal_lm_loss
-from tunesmith.trainer import LossOutput, Trainer
+from tunesmith import LossOutput, Sample, Trainer, causal_lm_loss, collate_causal
 
 
 class CausalLMTrainer(Trainer):

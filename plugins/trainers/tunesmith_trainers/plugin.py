@@ -1,7 +1,6 @@
 """Entry-point module registering the built-in trainers."""
 
-from tunesmith.hooks import hookimpl
-from tunesmith.records import TrainerSpec
+from tunesmith import TrainerSpec, hookimpl
 
 
 @hookimpl

@@ -7,8 +7,7 @@ on every token.
 
 from __future__ import annotations
 
-from tunesmith.data.tokenize import tokenize_chat, tokenize_text
-from tunesmith.data.types import Example, Sample
+from tunesmith import Example, Sample, tokenize_chat, tokenize_text
 from tunesmith_trainers.causal_lm import CausalLMTrainer
 
 

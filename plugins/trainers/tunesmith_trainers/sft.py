@@ -5,9 +5,7 @@ Rows of plain ``text`` are accepted too and trained on every token, as TRL's SFT
 
 from __future__ import annotations
 
-from tunesmith.data.tokenize import tokenize_chat, tokenize_text
-from tunesmith.data.types import Example, Sample
-from tunesmith.errors import DataError
+from tunesmith import DataError, Example, Sample, tokenize_chat, tokenize_text
 from tunesmith_trainers.causal_lm import CausalLMTrainer
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from tunesmith.device import Device
+from tunesmith import Device
 from tunesmith_fake_device.plugin import COUNT_VARIABLE, record_call
 
 GiB = 1024**3

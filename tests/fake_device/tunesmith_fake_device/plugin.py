@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import os
 
-from tunesmith.hooks import hookimpl
-from tunesmith.records import DeviceSpec
+from tunesmith import DeviceSpec, hookimpl
 
 #: ``0`` makes the probe answer "unavailable", to exercise an installed but unusable device.
 AVAILABLE_VARIABLE = "TUNESMITH_FAKE_DEVICE_AVAILABLE"
