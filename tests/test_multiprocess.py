@@ -44,6 +44,7 @@ def pt_args(model_dir, data, output, adapter: str, batch_size: int) -> list[str]
         "pt", "--model", str(model_dir), "--dataset", str(data), "--output-dir", str(output), "--adapter", adapter,
         "--max-steps", "5", "--batch-size", str(batch_size), "--grad-accum", "2", "--precision", "fp32",
         "--lora-dropout", "0", "--learning-rate", "1e-3", "--save-steps", "2", "--logging-steps", "1",
+        "--max-grad-norm", "0.5",  # below the gradient norms here, so every engine must clip as one process does
     ]
 
 
@@ -78,23 +79,35 @@ def pt_with(args: list[str], *extra: str) -> list[str]:
     return [args[0], *extra, *args[1:]]
 
 
+ENGINES = {
+    "ddp": ["--strategy", "ddp"],
+    "fsdp": ["--strategy", "fsdp"],
+    "zero2": ["--strategy", "deepspeed", "--zero-stage", "2"],
+    "zero3": ["--strategy", "deepspeed", "--zero-stage", "3"],
+}
+
+
 @pytest.mark.parametrize(
-    ("strategy", "adapter", "launcher"),
-    [("ddp", "lora", TORCHRUN), ("ddp", "full", TUNESMITH), ("fsdp", "lora", TUNESMITH), ("fsdp", "full", TORCHRUN)],
-    ids=["ddp-lora-torchrun", "ddp-full", "fsdp-lora", "fsdp-full-torchrun"],
+    ("engine", "adapter", "launcher"),
+    [
+        ("ddp", "lora", TORCHRUN), ("ddp", "full", TUNESMITH), ("fsdp", "lora", TUNESMITH), ("fsdp", "full", TORCHRUN),
+        ("zero2", "lora", TUNESMITH), ("zero2", "full", TORCHRUN), ("zero3", "lora", TORCHRUN), ("zero3", "full", TUNESMITH),
+    ],
+    ids=lambda value: "torchrun" if value is TORCHRUN else "nproc" if value is TUNESMITH else value,
 )
-def test_two_processes_train_like_one_and_resume_on_one(tiny_model_dir, tmp_path, strategy, adapter, launcher):
+def test_two_processes_train_like_one_then_resume(tiny_model_dir, tmp_path, capsys, engine, adapter, launcher):
     # 22 rows in global batches of 8: the third step of each epoch has 6 rows, so one rank's
     # last micro-batch there is empty and runs at zero weight.
     data = corpus(tmp_path / "corpus.jsonl")
     single = tmp_path / "single"
     assert run_cli(*pt_args(tiny_model_dir, data, single, adapter, batch_size=4)) == 0
 
-    multi = tmp_path / strategy
-    extra = ["--strategy", strategy] if launcher is TORCHRUN else ["--strategy", strategy, "--nproc-per-node", "2"]
+    multi = tmp_path / engine
+    extra = ENGINES[engine] if launcher is TORCHRUN else [*ENGINES[engine], "--nproc-per-node", "2"]
     result = launched(pt_with(pt_args(tiny_model_dir, data, multi, adapter, 2), *extra), launcher)
     assert result.returncode == 0, result.stderr
     assert "global batch 8 rows (--batch-size 2 x --grad-accum 2 x 2)" in result.stdout
+    assert "built successfully" not in result.stdout  # DeepSpeed compiled no communication op
     assert_same_training(single, multi)
     checkpoint = multi / "checkpoint-2"
     assert {"rng_state-rank0.pt", "rng_state-rank1.pt", "trainer_state.json"} <= {p.name for p in checkpoint.iterdir()}
@@ -105,8 +118,14 @@ def test_two_processes_train_like_one_and_resume_on_one(tiny_model_dir, tmp_path
     resumed = tmp_path / "resumed"
     resumed.mkdir()
     shutil.copytree(checkpoint, resumed / "checkpoint-2")
-    one_process = "fsdp" if strategy == "fsdp" else "single"
-    assert run_cli(*pt_with(pt_args(tiny_model_dir, data, resumed, adapter, batch_size=4), "--strategy", one_process)) == 0
+    one_process = {"ddp": ["--strategy", "single"], "fsdp": ["--strategy", "fsdp"]}.get(engine, ENGINES[engine])
+    code = run_cli(*pt_with(pt_args(tiny_model_dir, data, resumed, adapter, batch_size=4), *one_process))
+    if engine.startswith("zero"):
+        # DeepSpeed's ZeRO checkpoints do not reshard: refused before anything loads, saying what would work.
+        assert code != 0 and not (resumed / "metrics.jsonl").exists()
+        assert "--strategy deepspeed resumes only on the process count that wrote it; run 2 process(es)" in capsys.readouterr().err
+        return
+    assert code == 0
     assert [line["step"] for line in read_metrics(resumed)] == [3, 4, 5]
     for key, value in final_weights(single).items():
         torch.testing.assert_close(final_weights(resumed)[key], value, rtol=RTOL, atol=ATOL, msg=key)
@@ -137,7 +156,8 @@ def test_an_fsdp_checkpoint_from_one_process_resumes_on_two(tiny_model_dir, tmp_
         torch.testing.assert_close(final_weights(resumed)[key], value, rtol=RTOL, atol=ATOL, msg=key)
 
 
-def test_a_killed_fsdp_job_rerun_ends_like_an_uninterrupted_run(tiny_model_dir, tmp_path):
+@pytest.mark.parametrize("engine", ["fsdp", "zero2"])
+def test_a_killed_job_rerun_ends_like_an_uninterrupted_run(tiny_model_dir, tmp_path, engine):
     data = corpus(tmp_path / "corpus.jsonl")
 
     def args(output: Path, batch_size: int) -> list[str]:
@@ -147,7 +167,7 @@ def test_a_killed_fsdp_job_rerun_ends_like_an_uninterrupted_run(tiny_model_dir, 
     assert run_cli(*args(single, 4)) == 0
 
     killed = tmp_path / "killed"
-    command = [*TUNESMITH, *pt_with(args(killed, 2), "--strategy", "fsdp", "--nproc-per-node", "2")]
+    command = [*TUNESMITH, *pt_with(args(killed, 2), *ENGINES[engine], "--nproc-per-node", "2")]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.monotonic() + TIMEOUT_S
     while not (killed / "checkpoint-4").is_dir():
@@ -254,6 +274,14 @@ def test_launch_mistakes_are_refused_before_any_process_starts(tiny_model_dir, t
     assert "give --master-port" in capsys.readouterr().err
     assert run_cli(*common, "--strategy", "ddp", "--nproc-per-node", "two") != 0
     assert "expected a whole number of processes" in capsys.readouterr().err
+    assert run_cli(*common, "--strategy", "deepspeed", "--nproc-per-node", "2", "--offload-param") != 0
+    assert "--offload-param needs --zero-stage 3" in capsys.readouterr().err
+    broken = tmp_path / "ds.json"
+    broken.write_text('{"zero_optimization": {"stage": 2},\n}')
+    assert run_cli(*common, "--strategy", "deepspeed", "--nproc-per-node", "2", "--deepspeed", broken) != 0
+    assert f"--deepspeed {broken}: not valid JSON (line 2" in capsys.readouterr().err
+    assert run_cli(*common, "--strategy", "fsdp", "--nproc-per-node", "2", "--precision", "fp16") != 0
+    assert "--strategy fsdp: --precision fp16 is not supported" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
@@ -288,3 +316,28 @@ def test_a_rank_that_dies_takes_the_job_down_with_its_error(tiny_model_dir, tmp_
     assert result.returncode != 0
     assert "rank one broke on purpose" in result.stderr
     assert not (tmp_path / "run" / "final").exists()
+
+
+def test_a_deepspeed_file_may_not_override_what_tunesmith_options_set(tmp_path):
+    from tunesmith.devices.cpu import CPUDevice
+    from tunesmith.errors import ConfigError
+    from tunesmith.launch import ProcessEnvironment
+    from tunesmith.strategies.deepspeed import DeepSpeedStrategy
+    from tunesmith.strategy import StepSettings
+
+    settings = StepSettings(micro_batch_size=2, grad_accum=4, max_grad_norm=0.5)
+    user_file = tmp_path / "ds.json"
+    user_file.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}, "gradient_clipping": 1.0}))
+    strategy = DeepSpeedStrategy(CPUDevice(), "bf16", ProcessEnvironment(), {"deepspeed": str(user_file)})
+    with pytest.raises(ConfigError, match="gradient_clipping is 1.0 there, but tunesmith sets it from --max-grad-norm"):
+        strategy.engine_config(settings)
+
+    user_file.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}, "train_batch_size": 99}))
+    config = strategy.engine_config(settings)
+    assert config["zero_optimization"] == {"stage": 3, "offload_param": {"device": "cpu"}}
+    assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"], config["gradient_clipping"]) == (2, 4, 0.5)
+    assert config["bf16"] == {"enabled": True} and config["fp16"] == {"enabled": False} and "train_batch_size" not in config
+    assert config["managed_gradient_accumulation"] is False
+
+    built = DeepSpeedStrategy(CPUDevice(), "fp32", ProcessEnvironment(), {"zero_stage": 1, "offload_optimizer": True}).engine_config(settings)
+    assert built["zero_optimization"] == {"stage": 1, "offload_optimizer": {"device": "cpu"}}

@@ -1,4 +1,6 @@
-"""Registrations of what ships inside the core: the cpu device and the ``single``, ``ddp`` and ``fsdp`` strategies."""
+"""Registrations of what ships inside the core: the cpu device and the built-in strategies."""
+
+import click
 
 from tunesmith.devices.cpu import CPU_PRIORITY, cpu_is_available
 from tunesmith.hooks import hookimpl
@@ -39,6 +41,18 @@ def tunesmith_register_strategies():
             distributed=True,
             options=(
                 OptionSpec("fsdp_cpu_offload", False, "Keep sharded parameters, gradients and the optimizer step on the CPU."),
+            ),
+        ),
+        StrategySpec(
+            name="deepspeed",
+            strategy="tunesmith.strategies.deepspeed:DeepSpeedStrategy",
+            description="DeepSpeed ZeRO stage 0-3, optional CPU offload (needs the deepspeed package)",
+            distributed=True,
+            options=(
+                OptionSpec("zero_stage", 2, "ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters.", click.IntRange(0, 3)),
+                OptionSpec("offload_optimizer", False, "Keep optimizer state and its step on the CPU (ZeRO-Offload)."),
+                OptionSpec("offload_param", False, "Keep ZeRO-3 parameter partitions on the CPU."),
+                OptionSpec("deepspeed", "", "A DeepSpeed JSON config file for the ZeRO settings; batch sizes, clipping and precision still come from tunesmith's options."),
             ),
         ),
     ]

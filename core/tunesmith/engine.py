@@ -33,8 +33,8 @@ from tunesmith.models import apply_adapter, load_model, load_tokenizer
 from tunesmith.optimization import build_scheduler, parameter_groups, warmup_steps
 from tunesmith.plugins import PluginManager, create_plugin_manager
 from tunesmith.resume import check_within_schedule
-from tunesmith.runtime import TrainingPlan, plan_training
-from tunesmith.strategy import Strategy
+from tunesmith.runtime import TrainingPlan, plan_training, strategy_options
+from tunesmith.strategy import StepSettings, Strategy
 from tunesmith.trainer import Trainer
 
 
@@ -60,7 +60,7 @@ def train(
     if output_dir.exists() and not output_dir.is_dir():
         raise ConfigError(f"--output-dir {output_dir}: exists and is not a folder")
     plan = plan or plan_training(trainer_name, config, manager)
-    options = {spec.name: config.plugin_options.get(spec.name, spec.default) for spec in plan.strategy.spec.options}
+    options = strategy_options(plan.strategy, config)
     strategy: Strategy = plan.strategy.load()(plan.device, plan.precision, plan.environment, options)
     strategy.name = plan.strategy.spec.name
     strategy.setup_environment()
@@ -103,7 +103,9 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
     total = sum(p.numel() for p in model.parameters())
     build_optimizer = manager.get("optimizer", config.optimizer).load()
     model, optimizer = strategy.setup(
-        model, lambda module: build_optimizer(parameter_groups(module, config.weight_decay), config.learning_rate)
+        model,
+        lambda module: build_optimizer(parameter_groups(module, config.weight_decay), config.learning_rate),
+        StepSettings(config.batch_size, config.grad_accum, config.max_grad_norm),
     )
     model.train()
     say(f"model: {config.model} ({config.adapter}); trainable parameters {trainable:,} of {total:,}")
@@ -169,9 +171,7 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
                 loop.bad_steps_in_a_row = 0
             else:
                 loop.skipped_steps += 1
-                # An fp16 overflow with a finite loss only means the loss scale was too high;
-                # the scaler lowered it. Anything else is a real non-finite step.
-                if not (strategy.scaler.is_enabled() and math.isfinite(loss)):
+                if not outcome.loss_scale_overflow:
                     loop.bad_steps_in_a_row += 1
             step_learning_rate = optimizer.param_groups[0]["lr"]
             scheduler.step()

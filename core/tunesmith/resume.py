@@ -28,21 +28,27 @@ def run_identity(trainer_name: str, config, global_batch: int, checkpoint_format
     }
 
 
-def check_identity(checkpoint: Path, identity: dict[str, Any], reshards: bool) -> None:
-    """Refuse a checkpoint written by a run with other options, or by a process count this strategy cannot reshard."""
+def check_identity(checkpoint: Path, identity: dict[str, Any], strategy: str, reshards: bool) -> None:
+    """Refuse a checkpoint written by a run with other options, or by a process count ``strategy`` cannot reshard."""
     saved = read_loop_state(checkpoint).run_identity
-    compared = [key for key in identity if key in saved and (key != "world_size" or not reshards)]
-    changed = [f"{key}: {saved[key]!r} in the checkpoint, {identity[key]!r} now" for key in compared if saved[key] != identity[key]]
-    if not changed:
+    different = [key for key in identity if key in saved and saved[key] != identity[key] and (key != "world_size" or not reshards)]
+    if not different:
         return
-    advice = "use the same options, or another --output-dir to start afresh"
-    if "global_batch" in [key for key in compared if saved[key] != identity[key]] and saved.get("world_size") != identity["world_size"]:
+    changed = "; ".join(f"{key}: {saved[key]!r} in the checkpoint, {identity[key]!r} now" for key in different)
+    written_by = f"the checkpoint was written by {saved.get('world_size')} process(es) and this run has {identity['world_size']}"
+    if "world_size" in different:
         advice = (
-            f"the checkpoint was written by {saved.get('world_size')} process(es) and this run has {identity['world_size']}; "
-            f"keep --batch-size x --grad-accum x processes at {saved['global_batch']} (e.g. change --grad-accum), "
-            "or use another --output-dir to start afresh"
+            f"{written_by}, and --strategy {strategy} resumes only on the process count that wrote it; "
+            f"run {saved['world_size']} process(es), or use another --output-dir to start afresh"
         )
-    raise ConfigError(f"{checkpoint} was written by a run with other options ({'; '.join(changed)}); {advice}")
+    elif "global_batch" in different and saved.get("world_size") != identity["world_size"]:
+        advice = (
+            f"{written_by}; keep --batch-size x --grad-accum x processes at {saved['global_batch']} "
+            "(e.g. change --grad-accum), or use another --output-dir to start afresh"
+        )
+    else:
+        advice = "use the same options, or another --output-dir to start afresh"
+    raise ConfigError(f"{checkpoint} was written by a run with other options ({changed}); {advice}")
 
 
 def check_within_schedule(checkpoint: Path, total_steps: int) -> None:

@@ -75,11 +75,12 @@ def plan_training(trainer_name: str, config: TrainConfig, manager: PluginManager
         )
 
     strategy_class = strategy.load()
+    strategy_class.check_runnable(device, precision, strategy_options(strategy, config))
     global_batch = config.batch_size * config.grad_accum * world_size
     identity = run_identity(trainer_name, config, global_batch, strategy_class.checkpoint_format, world_size)
     resume_from = find_resume_checkpoint(Path(config.output_dir), config.resume)
     if resume_from is not None:
-        check_identity(resume_from, identity, strategy_class.reshards_checkpoints)
+        check_identity(resume_from, identity, config.strategy, strategy_class.reshards_checkpoints)
     launch = LaunchOptions(nproc_per_node, config.nnodes, config.node_rank, config.master_addr, config.master_port)
     return TrainingPlan(
         trainer_name, config, device, choice.reason, precision, strategy, environment, launch, world_size,
@@ -97,3 +98,8 @@ def process_count(requested: str, device: Device, environment: ProcessEnvironmen
             )
         return environment.local_world_size
     return device.device_count() if requested == "auto" else int(requested)
+
+
+def strategy_options(strategy: Registered, config: TrainConfig) -> dict:
+    """The values of the options the chosen strategy declares."""
+    return {spec.name: config.plugin_options.get(spec.name, spec.default) for spec in strategy.spec.options}

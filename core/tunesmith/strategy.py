@@ -43,11 +43,26 @@ OptimizerFactory = Callable[[torch.nn.Module], torch.optim.Optimizer]
 
 
 @dataclass(frozen=True)
+class StepSettings:
+    """How the loop will step, for strategies whose engine must be told at setup (DeepSpeed)."""
+
+    micro_batch_size: int
+    grad_accum: int
+    max_grad_norm: float
+
+
+@dataclass(frozen=True)
 class StepOutcome:
-    """What :meth:`Strategy.optimizer_step` did: the gradient norm before clipping, and whether the update was applied."""
+    """What :meth:`Strategy.optimizer_step` did.
+
+    ``grad_norm`` is the norm before clipping; ``applied`` whether the parameters were
+    updated; ``loss_scale_overflow`` whether a skipped fp16 step only means the loss scale was
+    too high (it has been lowered), which is no sign of a bad step.
+    """
 
     grad_norm: float
     applied: bool
+    loss_scale_overflow: bool = False
 
 
 class Strategy(ABC):
@@ -69,6 +84,15 @@ class Strategy(ABC):
         self.options = dict(options or {})
         self.root_device: torch.device | None = None
         self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+    @classmethod
+    def check_runnable(cls, device: Device, precision: str, options: Mapping[str, Any]) -> None:
+        """Raise :class:`~tunesmith.errors.ConfigError` if this strategy cannot run with these choices.
+
+        Called before any process starts (and before the model loads), so a combination that
+        cannot work costs seconds: a precision or option the strategy does not support, a
+        package it needs that is missing.
+        """
 
     # -- where this process is -------------------------------------------------------------
     @property
@@ -105,8 +129,13 @@ class Strategy(ABC):
         return contextlib.nullcontext()
 
     @abstractmethod
-    def setup(self, model: torch.nn.Module, make_optimizer: OptimizerFactory) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-        """Move, wrap or shard the model and build its optimizer; return what the loop should use."""
+    def setup(
+        self, model: torch.nn.Module, make_optimizer: OptimizerFactory, settings: StepSettings
+    ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        """Move, wrap or shard the model and build its optimizer; return what the loop should use.
+
+        The returned optimizer is the one the learning-rate scheduler drives.
+        """
 
     # -- one step --------------------------------------------------------------------------
     def autocast(self):
@@ -135,7 +164,7 @@ class Strategy(ABC):
             self.scaler.step(optimizer)
         self.scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        return StepOutcome(grad_norm, applied)
+        return StepOutcome(grad_norm, applied, loss_scale_overflow=self.scaler.is_enabled() and loss_is_finite and not applied)
 
     def clip_grad_norm(self, model: torch.nn.Module, max_norm: float) -> torch.Tensor:
         """Clip gradients in place (``max_norm`` 0 measures without clipping); return the total norm."""
@@ -224,6 +253,6 @@ class SingleDeviceStrategy(Strategy):
     def setup_environment(self) -> None:
         self.root_device = self.device.setup(self.local_rank)
 
-    def setup(self, model, make_optimizer):
+    def setup(self, model, make_optimizer, settings):
         model = model.to(self.root_device)
         return model, make_optimizer(model)

@@ -16,7 +16,7 @@ class DDPStrategy(ProcessGroupStrategy):
     name = "ddp"
     gradient_reduction = "mean"
 
-    def setup(self, model, make_optimizer):
+    def setup(self, model, make_optimizer, settings):
         model = model.to(self.root_device)
         device_ids = None if self.root_device.type == "cpu" else [self.root_device]
         wrapped = DistributedDataParallel(model, device_ids=device_ids)

@@ -31,14 +31,17 @@ class FSDPStrategy(ProcessGroupStrategy):
     checkpoint_format = "dcp"
     reshards_checkpoints = True
 
-    def __init__(self, device, precision, environment=None, options=None):
+    @classmethod
+    def check_runnable(cls, device, precision, options):
         if precision == "fp16":
             raise ConfigError("--strategy fsdp: --precision fp16 is not supported (it needs a sharded loss scaler); use bf16 or fp32")
+
+    def __init__(self, device, precision, environment=None, options=None):
         super().__init__(device, precision, environment, options)
         self.cpu_offload = bool(self.options.get("fsdp_cpu_offload", False))
         self.tied_names: set[str] = set()
 
-    def setup(self, model, make_optimizer):
+    def setup(self, model, make_optimizer, settings):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
