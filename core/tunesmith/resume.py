@@ -38,7 +38,7 @@ def check_identity(checkpoint: Path, identity: dict[str, Any], strategy: str, re
     written_by = f"the checkpoint was written by {saved.get('world_size')} process(es) and this run has {identity['world_size']}"
     if "world_size" in different:
         advice = (
-            f"{written_by}, and --strategy {strategy} resumes only on the process count that wrote it; "
+            f"{written_by}, and --strategy {strategy} with these options resumes only on the process count that wrote it; "
             f"run {saved['world_size']} process(es), or use another --output-dir to start afresh"
         )
     elif "global_batch" in different and saved.get("world_size") != identity["world_size"]:

@@ -75,12 +75,13 @@ def plan_training(trainer_name: str, config: TrainConfig, manager: PluginManager
         )
 
     strategy_class = strategy.load()
-    strategy_class.check_runnable(device, precision, strategy_options(strategy, config))
+    options = strategy_options(strategy, config)
+    strategy_class.check_runnable(device, precision, options)
     global_batch = config.batch_size * config.grad_accum * world_size
     identity = run_identity(trainer_name, config, global_batch, strategy_class.checkpoint_format, world_size)
     resume_from = find_resume_checkpoint(Path(config.output_dir), config.resume)
     if resume_from is not None:
-        check_identity(resume_from, identity, config.strategy, strategy_class.reshards_checkpoints)
+        check_identity(resume_from, identity, config.strategy, strategy_class.reshards_checkpoints(options))
     launch = LaunchOptions(nproc_per_node, config.nnodes, config.node_rank, config.master_addr, config.master_port)
     return TrainingPlan(
         trainer_name, config, device, choice.reason, precision, strategy, environment, launch, world_size,

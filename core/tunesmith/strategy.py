@@ -71,8 +71,6 @@ class Strategy(ABC):
     gradient_reduction: ClassVar[str] = "mean"
     #: what its checkpoints hold; a run resumes only a checkpoint of its own format
     checkpoint_format: ClassVar[str] = "replicated"
-    #: whether its checkpoints resume on a different number of processes
-    reshards_checkpoints: ClassVar[bool] = True
 
     def __init__(
         self, device: Device, precision: str, environment: ProcessEnvironment | None = None, options: Mapping[str, Any] | None = None
@@ -93,6 +91,11 @@ class Strategy(ABC):
         cannot work costs seconds: a precision or option the strategy does not support, a
         package it needs that is missing.
         """
+
+    @classmethod
+    def reshards_checkpoints(cls, options: Mapping[str, Any]) -> bool:
+        """Whether a checkpoint written with these options resumes exactly on a different number of processes."""
+        return True
 
     # -- where this process is -------------------------------------------------------------
     @property

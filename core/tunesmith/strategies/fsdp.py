@@ -29,7 +29,6 @@ class FSDPStrategy(ProcessGroupStrategy):
     name = "fsdp"
     gradient_reduction = "mean"
     checkpoint_format = "dcp"
-    reshards_checkpoints = True
 
     @classmethod
     def check_runnable(cls, device, precision, options):
