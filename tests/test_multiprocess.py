@@ -56,6 +56,8 @@ def launched(args: list[str], launcher: list[str], **env: str) -> subprocess.Com
 
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "tunesmith"]
+#: DeepSpeed's own launcher, as its users type it (it passes --local_rank=N to every process)
+DEEPSPEED = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--module", "tunesmith"]
 TUNESMITH = [sys.executable, "-m", "tunesmith"]
 
 
@@ -91,9 +93,9 @@ ENGINES = {
     ("engine", "adapter", "launcher"),
     [
         ("ddp", "lora", TORCHRUN), ("ddp", "full", TUNESMITH), ("fsdp", "lora", TUNESMITH), ("fsdp", "full", TORCHRUN),
-        ("zero2", "lora", TUNESMITH), ("zero2", "full", TORCHRUN), ("zero3", "lora", TORCHRUN), ("zero3", "full", TUNESMITH),
+        ("zero2", "lora", TUNESMITH), ("zero2", "full", DEEPSPEED), ("zero3", "lora", TORCHRUN), ("zero3", "full", TUNESMITH),
     ],
-    ids=lambda value: "torchrun" if value is TORCHRUN else "nproc" if value is TUNESMITH else value,
+    ids=lambda value: {id(TORCHRUN): "torchrun", id(TUNESMITH): "nproc", id(DEEPSPEED): "deepspeed-launcher"}.get(id(value), value),
 )
 def test_two_processes_train_like_one_then_resume(tiny_model_dir, tmp_path, capsys, engine, adapter, launcher):
     # 22 rows in global batches of 8: the third step of each epoch has 6 rows, so one rank's
@@ -103,8 +105,10 @@ def test_two_processes_train_like_one_then_resume(tiny_model_dir, tmp_path, caps
     assert run_cli(*pt_args(tiny_model_dir, data, single, adapter, batch_size=4)) == 0
 
     multi = tmp_path / engine
-    extra = ENGINES[engine] if launcher is TORCHRUN else [*ENGINES[engine], "--nproc-per-node", "2"]
-    result = launched(pt_with(pt_args(tiny_model_dir, data, multi, adapter, 2), *extra), launcher)
+    extra = [*ENGINES[engine], "--nproc-per-node", "2"] if launcher is TUNESMITH else ENGINES[engine]
+    if launcher is DEEPSPEED:
+        launcher = [*DEEPSPEED[:-2], "--master_port", str(free_port()), *DEEPSPEED[-2:]]
+    result = launched(pt_with(pt_args(tiny_model_dir, data, multi, adapter, 2), *extra), launcher, DS_ACCELERATOR="cpu")
     assert result.returncode == 0, result.stderr
     assert "global batch 8 rows (--batch-size 2 x --grad-accum 2 x 2)" in result.stdout
     assert "built successfully" not in result.stdout  # DeepSpeed compiled no communication op
@@ -200,7 +204,8 @@ def test_a_killed_job_rerun_ends_like_an_uninterrupted_run(tiny_model_dir, tmp_p
 
 
 class RecordingPT(PretrainTrainer):
-    """``pt`` that writes the token ids of every row it trains on (not the zero-weight filler) to a file."""
+    """``pt`` that writes the token ids of every row it trains on to a file, and logs each batch's
+    share of the step's items as a metric (1.0 over a step only when metrics are reduced over ranks)."""
 
     log: Path | None = None
 
@@ -210,9 +215,12 @@ class RecordingPT(PretrainTrainer):
         return batch
 
     def compute_loss(self, model, batch):
-        with open(self.log, "a", encoding="utf-8") as log:
-            log.write(json.dumps(batch["rows"]) + "\n")
-        return super().compute_loss(model, batch)
+        if model.training:
+            with open(self.log, "a", encoding="utf-8") as log:
+                log.write(json.dumps(batch["rows"]) + "\n")
+        output = super().compute_loss(model, batch)
+        output.metrics["item_share"] = float(self.count_items(batch))
+        return output
 
 
 def free_port() -> int:
@@ -237,7 +245,9 @@ def recorded_steps(log: Path, micro_batches_per_step: int) -> list[list]:
 
 def test_each_rank_trains_on_its_own_share_of_every_step(tiny_model_dir, tmp_path):
     data = corpus(tmp_path / "corpus.jsonl", rows=16)  # two steps of 8 rows: no partial step, no filler
-    common = dict(model=str(tiny_model_dir), dataset=(str(data),), max_steps=2, grad_accum=2, precision="fp32", save_steps=0)
+    evaluation = corpus(tmp_path / "eval.jsonl", rows=6)  # in pieces of 2 rows over 2 ranks, one piece is empty
+    common = dict(model=str(tiny_model_dir), dataset=(str(data),), eval_dataset=(str(evaluation),), eval_steps=2,
+                  max_steps=2, grad_accum=2, precision="fp32", save_steps=0)
     RecordingPT.log = tmp_path / "single.log"
     manager = create_plugin_manager()
     manager.register(TrainerPlugin("recording", RecordingPT), "recording")
@@ -255,6 +265,13 @@ def test_each_rank_trains_on_its_own_share_of_every_step(tiny_model_dir, tmp_pat
         assert len(first) == len(second) == 4
         assert not {tuple(row) for row in first} & {tuple(row) for row in second}
         assert sorted(first + second) == sorted(seen_alone)
+
+    # Trainer metrics are reduced over ranks, in training and in (sharded) evaluation.
+    alone, together = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "ddp")
+    assert [line["item_share"] for line in together if "loss" in line] == pytest.approx([1.0, 1.0])
+    evaluated = [line for line in together if "eval_loss" in line]
+    assert [line["eval_item_share"] for line in evaluated] == pytest.approx([1.0])
+    assert evaluated[0]["eval_loss"] == pytest.approx(next(line for line in alone if "eval_loss" in line)["eval_loss"], rel=RTOL)
 
 
 def test_ranks_that_chose_differently_stop_naming_the_rank(tiny_model_dir, tmp_path):
@@ -352,3 +369,26 @@ def test_a_deepspeed_file_may_not_override_what_tunesmith_options_set(tmp_path):
 
     built = DeepSpeedStrategy(CPUDevice(), "fp32", ProcessEnvironment(), {"zero_stage": 1, "offload_optimizer": True}).engine_config(settings)
     assert built["zero_optimization"] == {"stage": 1, "offload_optimizer": {"device": "cpu"}}
+
+
+def test_a_distributed_strategy_on_a_device_without_collectives_is_refused(tiny_model_dir, tmp_path):
+    from tests.helpers import chat_rows
+    from tunesmith import DeviceSpec, hookimpl
+    from tunesmith.devices.cpu import CPUDevice
+    from tunesmith.errors import ConfigError
+    from tunesmith.runtime import plan_training
+
+    class LonelyDevice(CPUDevice):
+        distributed_backend = None
+
+    class LonelyPlugin:
+        @hookimpl
+        def tunesmith_register_devices(self):
+            return [DeviceSpec(name="lonely", device=LonelyDevice, probe=lambda: True, priority=50)]
+
+    manager = create_plugin_manager()
+    manager.register(LonelyPlugin(), "lonely")
+    data = write_jsonl(tmp_path / "train.jsonl", chat_rows(2))
+    config = TrainConfig(model=str(tiny_model_dir), dataset=(str(data),), output_dir=str(tmp_path / "run"), strategy="ddp", nproc_per_node="2")
+    with pytest.raises(ConfigError, match="--strategy ddp needs collectives between processes, and device 'lonely' has no collective backend"):
+        plan_training("sft", config, manager)

@@ -48,6 +48,9 @@ def _manager():
 
 @click.group(cls=TunesmithGroup, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.version_option(package_name="tunesmith")
+# The deepspeed launcher starts `python -m tunesmith --local_rank=N ...`; tunesmith reads the
+# LOCAL_RANK variable it also sets, so the argument is accepted and ignored.
+@click.option("--local_rank", "--local-rank", type=int, default=None, hidden=True, expose_value=False)
 def cli():
     """tunesmith: fine-tune, align and serve language models on any hardware."""
 
