@@ -392,3 +392,34 @@ def test_a_distributed_strategy_on_a_device_without_collectives_is_refused(tiny_
     config = TrainConfig(model=str(tiny_model_dir), dataset=(str(data),), output_dir=str(tmp_path / "run"), strategy="ddp", nproc_per_node="2")
     with pytest.raises(ConfigError, match="--strategy ddp needs collectives between processes, and device 'lonely' has no collective backend"):
         plan_training("sft", config, manager)
+
+
+def train_recording_weight_loads(rank: int, world_size: int, port: int, options: dict, log: str) -> None:
+    """A rank that notes whether it read the model's weights or built it empty."""
+    import tunesmith.engine as engine
+
+    real_load_model = engine.load_model
+
+    def load_model(*args, empty=False, **kwargs):
+        with open(log, "a", encoding="utf-8") as file:
+            file.write(f"{rank} {'empty' if empty else 'weights'}\n")
+        return real_load_model(*args, empty=empty, **kwargs)
+
+    engine.load_model = load_model
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    train("pt", TrainConfig(**options))
+
+
+def test_under_fsdp_only_the_first_process_reads_the_weights(tiny_model_dir, tmp_path):
+    data = corpus(tmp_path / "corpus.jsonl", rows=8)
+    options = dict(model=str(tiny_model_dir), dataset=(str(data),), output_dir=str(tmp_path / "fsdp"), adapter="full", strategy="fsdp",
+                   max_steps=2, batch_size=2, precision="fp32", save_steps=0, learning_rate=1e-3)
+    log = tmp_path / "loads.log"
+    torch.multiprocessing.start_processes(
+        train_recording_weight_loads, args=(2, free_port(), options, str(log)), nprocs=2, start_method="spawn"
+    )
+    assert sorted(log.read_text().splitlines()) == ["0 weights", "1 empty"]
+    single = tmp_path / "single"
+    assert run_cli("pt", "--model", tiny_model_dir, "--dataset", data, "--output-dir", single, "--adapter", "full", "--max-steps", "2",
+                   "--batch-size", "4", "--precision", "fp32", "--save-steps", "0", "--learning-rate", "1e-3") == 0
+    assert_same_training(single, tmp_path / "fsdp")  # the empty rank received rank 0's weights and buffers

@@ -99,10 +99,17 @@ def load_tokenizer(model_path: Path, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_model(model_path: Path, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32):
-    from transformers import AutoModelForCausalLM
+def load_model(model_path: Path, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32, empty: bool = False):
+    """The model in ``model_path``; ``empty`` builds it on the meta device from its config alone, reading no weights."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
+        if empty:
+            config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+            with torch.device("meta"):
+                return AutoModelForCausalLM.from_config(
+                    config, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation="sdpa"
+                )
         return AutoModelForCausalLM.from_pretrained(
             model_path, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation="sdpa"
         )

@@ -127,9 +127,16 @@ class Strategy(ABC):
     def setup_environment(self) -> None:
         """Create the process group (if any) on the device's backend and set ``root_device``."""
 
+    @contextlib.contextmanager
     def model_init_context(self):
-        """A context manager the model is created in (meta device, partitioned init ...)."""
-        return contextlib.nullcontext()
+        """The context the model is created in (before adapters are applied).
+
+        It yields ``True`` when this process should create the model empty, on the meta
+        device with no weights read, because :meth:`setup` fills it in (from the first
+        process, for instance), and ``False`` when the process loads the weights itself (the
+        default).
+        """
+        yield False
 
     @abstractmethod
     def setup(

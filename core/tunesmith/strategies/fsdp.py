@@ -1,6 +1,8 @@
 """``fsdp``: PyTorch FSDP2 (``fully_shard``). Parameters, gradients and optimizer state are
 sharded across processes: each decoder layer is its own unit, gathered for its forward and
 backward and freed after, then the root module takes what is left (embeddings, head, norms).
+Only the first process reads the weights; the others build the model on the meta device and
+receive their shards (and the buffers) from it, so no other process holds the whole model.
 
 Mixed precision is FSDP's ``MixedPrecisionPolicy`` (parameters computed in bf16, gradients
 reduced in fp32), not autocast; ``--fsdp-cpu-offload`` keeps the sharded parameters and the
@@ -39,8 +41,18 @@ class FSDPStrategy(ProcessGroupStrategy):
         super().__init__(device, precision, environment, options)
         self.cpu_offload = bool(self.options.get("fsdp_cpu_offload", False))
         self.tied_names: set[str] = set()
+        self.built_empty = False
+
+    @contextlib.contextmanager
+    def model_init_context(self):
+        # Only the first process reads the weights; the others build an empty model and receive
+        # their shards in setup, so no other process ever holds the whole model.
+        self.built_empty = self.world_size > 1 and not self.is_global_zero
+        yield self.built_empty
 
     def setup(self, model, make_optimizer, settings):
+        import torch.distributed as dist
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
@@ -51,7 +63,8 @@ class FSDPStrategy(ProcessGroupStrategy):
             mp_policy=MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32),
             offload_policy=CPUOffloadPolicy() if self.cpu_offload else OffloadPolicy(),
         )
-        if not self.cpu_offload:
+        full = model.state_dict() if self.world_size > 1 and self.is_global_zero else {}
+        if not self.cpu_offload and not self.built_empty:
             model = model.to(self.root_device)
         # Tied weights (embeddings and head) come out of a full state dict twice; save_final keeps one.
         self.tied_names = {name for name, _ in model.named_parameters(remove_duplicate=False)} - dict(model.named_parameters()).keys()
@@ -60,6 +73,12 @@ class FSDPStrategy(ProcessGroupStrategy):
             if type(module).__name__ in layer_classes:
                 fully_shard(module, **settings)
         fully_shard(model, **settings)
+        if self.world_size > 1:
+            if self.built_empty:
+                model.to_empty(device="cpu" if self.cpu_offload else self.root_device)
+            set_model_state_dict(model, full, options=self._state_dict_options(full_state_dict=True, broadcast_from_rank0=True))
+            for buffer in model.buffers():  # not in the state dict when non-persistent (rotary frequencies)
+                dist.broadcast(buffer, src=0)
         return model, make_optimizer(model)
 
     def autocast(self):
