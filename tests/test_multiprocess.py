@@ -7,6 +7,7 @@ Process start-up costs seconds, so these tests are few and each run is short.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import socket
@@ -308,8 +309,6 @@ def test_launch_mistakes_are_refused_before_any_process_starts(tiny_model_dir, t
     broken.write_text('{"zero_optimization": {"stage": 2},\n}')
     assert run_cli(*common, "--strategy", "deepspeed", "--nproc-per-node", "2", "--deepspeed", broken) != 0
     assert f"--deepspeed {broken}: not valid JSON (line 2" in capsys.readouterr().err
-    assert run_cli(*common, "--strategy", "fsdp", "--nproc-per-node", "2", "--precision", "fp16") != 0
-    assert "--strategy fsdp: --precision fp16 is not supported" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
@@ -423,3 +422,36 @@ def test_under_fsdp_only_the_first_process_reads_the_weights(tiny_model_dir, tmp
     assert run_cli("pt", "--model", tiny_model_dir, "--dataset", data, "--output-dir", single, "--adapter", "full", "--max-steps", "2",
                    "--batch-size", "4", "--precision", "fp32", "--save-steps", "0", "--learning-rate", "1e-3") == 0
     assert_same_training(single, tmp_path / "fsdp")  # the empty rank received rank 0's weights and buffers
+
+
+class OverflowOnRankOne(PretrainTrainer):
+    """``pt`` whose loss on rank 1's second micro-batch is finite but too large for fp16 gradients."""
+
+    calls = 0
+
+    def compute_loss(self, model, batch):
+        output = super().compute_loss(model, batch)
+        if model.training:
+            OverflowOnRankOne.calls += 1
+            if os.environ["RANK"] == "1" and OverflowOnRankOne.calls == 2:
+                output.loss = output.loss * 1e36
+        return output
+
+
+def train_overflowing(rank: int, world_size: int, port: int, options: dict) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    manager = create_plugin_manager()
+    manager.register(TrainerPlugin("overflowing", OverflowOnRankOne), "overflowing")
+    train("overflowing", TrainConfig(**options), manager=manager)
+
+
+def test_fsdp_fp16_skips_an_overflow_on_one_rank_on_every_rank(tiny_model_dir, tmp_path):
+    data = corpus(tmp_path / "corpus.jsonl", rows=8)
+    output = tmp_path / "fsdp"
+    options = dict(model=str(tiny_model_dir), dataset=(str(data),), output_dir=str(output), strategy="fsdp", precision="fp16",
+                   max_steps=4, batch_size=2, save_steps=0, max_bad_steps=1)
+    torch.multiprocessing.start_processes(train_overflowing, args=(2, free_port(), options), nprocs=2, start_method="spawn")
+    lines = [line for line in read_metrics(output) if "loss" in line]
+    assert [line["skipped_steps"] for line in lines] == [0, 1, 1, 1]  # an overflow lowers the scale; no bad step
+    assert all(math.isfinite(line["loss"]) for line in lines[2:])
+    assert all(torch.isfinite(tensor).all() for tensor in final_weights(output).values())

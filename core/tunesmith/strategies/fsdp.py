@@ -4,8 +4,8 @@ backward and freed after, then the root module takes what is left (embeddings, h
 Only the first process reads the weights; the others build the model on the meta device and
 receive their shards (and the buffers) from it, so no other process holds the whole model.
 
-Mixed precision is FSDP's ``MixedPrecisionPolicy`` (parameters computed in bf16, gradients
-reduced in fp32), not autocast; ``--fsdp-cpu-offload`` keeps the sharded parameters and the
+Mixed precision is FSDP's ``MixedPrecisionPolicy`` (parameters computed in bf16 or fp16,
+gradients reduced in fp32), not autocast, with a sharded loss scaler for fp16; ``--fsdp-cpu-offload`` keeps the sharded parameters and the
 optimizer step on the CPU. Checkpoints are written by every process through
 ``torch.distributed.checkpoint`` (only trainable parameters and their optimizer state), which
 reshards on load, so a run resumes on a different number of processes. ``final/`` holds full,
@@ -32,13 +32,12 @@ class FSDPStrategy(ProcessGroupStrategy):
     gradient_reduction = "mean"
     checkpoint_format = "dcp"
 
-    @classmethod
-    def check_runnable(cls, device, precision, options):
-        if precision == "fp16":
-            raise ConfigError("--strategy fsdp: --precision fp16 is not supported (it needs a sharded loss scaler); use bf16 or fp32")
-
     def __init__(self, device, precision, environment=None, options=None):
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
         super().__init__(device, precision, environment, options)
+        # Each process holds only its shards' gradients: the scaler agrees on overflow across processes.
+        self.scaler = ShardedGradScaler(device.type, enabled=precision == "fp16")
         self.cpu_offload = bool(self.options.get("fsdp_cpu_offload", False))
         self.tied_names: set[str] = set()
         self.built_empty = False
@@ -103,7 +102,7 @@ class FSDPStrategy(ProcessGroupStrategy):
             if self.is_global_zero:
                 if state.tokenizer is not None:
                     state.tokenizer.save_pretrained(staging)
-                write_loop_files(staging, state)
+                write_loop_files(staging, state, self.scaler.state_dict() if self.scaler.is_enabled() else None)
             self.save_rng_state(staging)
 
         self.write_atomically(folder, write)
@@ -124,7 +123,10 @@ class FSDPStrategy(ProcessGroupStrategy):
             options=self._state_dict_options(strict=False),
         )
         self.load_rng_state(folder)
-        return read_loop_files(folder, state)
+        loaded = read_loop_files(folder, state)
+        if loaded.scaler_state is not None:
+            self.scaler.load_state_dict(loaded.scaler_state)
+        return loaded
 
     def save_final(self, folder: Path, model, tokenizer) -> None:
         from torch.distributed.checkpoint.state_dict import get_model_state_dict
