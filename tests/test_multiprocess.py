@@ -455,3 +455,32 @@ def test_fsdp_fp16_skips_an_overflow_on_one_rank_on_every_rank(tiny_model_dir, t
     assert [line["skipped_steps"] for line in lines] == [0, 1, 1, 1]  # an overflow lowers the scale; no bad step
     assert all(math.isfinite(line["loss"]) for line in lines[2:])
     assert all(torch.isfinite(tensor).all() for tensor in final_weights(output).values())
+
+
+def train_recording_partitions(rank: int, world_size: int, port: int, options: dict, log: str) -> None:
+    """A rank that notes whether the model it created was already partitioned by ZeRO-3."""
+    import tunesmith.engine as engine
+
+    real_load_model = engine.load_model
+
+    def load_model(*args, **kwargs):
+        model = real_load_model(*args, **kwargs)
+        with open(log, "a", encoding="utf-8") as file:
+            file.write(f"{rank} {all(hasattr(p, 'ds_id') for p in model.parameters())}\n")
+        return model
+
+    engine.load_model = load_model
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    train("pt", TrainConfig(**options))
+
+
+def test_under_zero3_the_model_is_created_partitioned(tiny_model_dir, tmp_path):
+    data = corpus(tmp_path / "corpus.jsonl", rows=8)
+    options = dict(model=str(tiny_model_dir), dataset=(str(data),), output_dir=str(tmp_path / "zero3"), adapter="full",
+                   strategy="deepspeed", plugin_options={"zero_stage": 3}, max_steps=1, batch_size=2, precision="fp32", save_steps=0)
+    log = tmp_path / "partitions.log"
+    torch.multiprocessing.start_processes(
+        train_recording_partitions, args=(2, free_port(), options, str(log)), nprocs=2, start_method="spawn"
+    )
+    assert sorted(log.read_text().splitlines()) == ["0 True", "1 True"]
+    assert (tmp_path / "zero3" / "final" / "model.safetensors").is_file()

@@ -99,8 +99,8 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
     model = apply_adapter(model, config.adapter, config.lora_rank, config.lora_alpha, config.lora_dropout, config.target_modules)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(parameter_size(p) for p in model.parameters() if p.requires_grad)
+    total = sum(parameter_size(p) for p in model.parameters())
     build_optimizer = manager.get("optimizer", config.optimizer).load()
     model, optimizer = strategy.setup(
         model,
@@ -220,6 +220,11 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
     strategy.save_final(final_dir, model, tokenizer)
     say(f"done: {loop.step} steps; result in {final_dir}")
     return RunResult(output_dir, final_dir, loop.step, device.name, plan.precision)
+
+
+def parameter_size(parameter: torch.Tensor) -> int:
+    """Elements of the whole parameter, also when ZeRO-3 holds only a partition here (``ds_numel``)."""
+    return getattr(parameter, "ds_numel", parameter.numel())
 
 
 def check_every_rank_agrees(strategy: Strategy, choices: dict[str, str]) -> None:

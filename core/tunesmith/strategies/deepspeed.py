@@ -14,7 +14,8 @@ compiler at start-up; this strategy bypasses it, so collectives run on the torch
 backend (gloo) and no compiler is needed. Checkpoints are DeepSpeed's own
 (``save_checkpoint``/``load_checkpoint``, trainable parameters only); on a different number of
 processes a ZeRO-1/2 checkpoint is converted to DeepSpeed's universal checkpoint and resharded.
-``final/`` holds full weights gathered from every ZeRO-3 partition.
+Under ZeRO-3 the model is created already partitioned (transformers builds it inside
+``deepspeed.zero.Init``), so no process holds it whole; ``final/`` gathers the partitions.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from tunesmith.atomic import STAGING_PREFIX
 from tunesmith.checkpoint import LoadedCheckpoint, TrainingState, read_loop_files, read_loop_state, write_loop_files
 from tunesmith.errors import ConfigError
 from tunesmith.strategies.process_group import ProcessGroupStrategy
-from tunesmith.strategy import StepOutcome
+from tunesmith.strategy import StepOutcome, StepSettings
 
 MINIMUM_VERSION = "0.19.4"
 ENGINE_FOLDER = "deepspeed"
@@ -57,6 +58,8 @@ class DeepSpeedStrategy(ProcessGroupStrategy):
     name = "deepspeed"
     gradient_reduction = "mean"
     checkpoint_format = "deepspeed"
+    #: under ZeRO-3, transformers' handle on the DeepSpeed config, kept alive while the model lives
+    partitioned_init = None
 
     @classmethod
     def check_runnable(cls, device, precision, options):
@@ -93,6 +96,18 @@ class DeepSpeedStrategy(ProcessGroupStrategy):
             # `import deepspeed.comm.torch as x` would bind torch itself (deepspeed.comm re-exports it).
             importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
         super().setup_environment()
+
+    @contextlib.contextmanager
+    def model_init_context(self):
+        if zero_stage(self.options) != 3:
+            yield False
+            return
+        # transformers creates the model inside deepspeed.zero.Init while this object is alive,
+        # so each process holds only its partition of the weights from the start.
+        from transformers.integrations import HfDeepSpeedConfig
+
+        self.partitioned_init = HfDeepSpeedConfig(self.engine_config(StepSettings(1, 1, 0.0)))
+        yield False
 
     def engine_config(self, settings) -> dict[str, Any]:
         """The DeepSpeed configuration: the user's file (if any) with the keys tunesmith owns set from its options."""
