@@ -87,14 +87,16 @@ ENGINES = {
     "fsdp": ["--strategy", "fsdp"],
     "zero2": ["--strategy", "deepspeed", "--zero-stage", "2"],
     "zero3": ["--strategy", "deepspeed", "--zero-stage", "3"],
+    "fsdp-offload": ["--strategy", "fsdp", "--fsdp-cpu-offload"],
+    "zero2-offload": ["--strategy", "deepspeed", "--zero-stage", "2", "--offload-optimizer"],
 }
 
 
 @pytest.mark.parametrize(
     ("engine", "adapter", "launcher"),
     [
-        ("ddp", "lora", TORCHRUN), ("ddp", "full", TUNESMITH), ("fsdp", "lora", TUNESMITH), ("fsdp", "full", TORCHRUN),
-        ("zero2", "lora", TUNESMITH), ("zero2", "full", DEEPSPEED), ("zero3", "lora", TORCHRUN), ("zero3", "full", TUNESMITH),
+        ("ddp", "lora", TORCHRUN), ("ddp", "full", TUNESMITH), ("fsdp-offload", "lora", TUNESMITH), ("fsdp", "full", TORCHRUN),
+        ("zero2", "lora", TUNESMITH), ("zero2-offload", "full", DEEPSPEED), ("zero3", "lora", TORCHRUN), ("zero3", "full", TUNESMITH),
     ],
     ids=lambda value: {id(TORCHRUN): "torchrun", id(TUNESMITH): "nproc", id(DEEPSPEED): "deepspeed-launcher"}.get(id(value), value),
 )
@@ -484,3 +486,43 @@ def test_under_zero3_the_model_is_created_partitioned(tiny_model_dir, tmp_path):
     )
     assert sorted(log.read_text().splitlines()) == ["0 True", "1 True"]
     assert (tmp_path / "zero3" / "final" / "model.safetensors").is_file()
+
+
+def use_collectives(rank: int, world_size: int, port: int, log: str) -> None:
+    from tunesmith.devices.cpu import CPUDevice
+    from tunesmith.launch import ProcessEnvironment
+    from tunesmith.strategies.ddp import DDPStrategy
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    strategy = DDPStrategy(CPUDevice(), "fp32", ProcessEnvironment(rank, world_size, rank, world_size, launched=True))
+    strategy.setup_environment()
+    try:
+        mine = torch.tensor([rank + 1.0, 10.0 * (rank + 1)])
+        results = {
+            "sum": strategy.reduce(mine).tolist(),
+            "mean": strategy.reduce(mine, "mean").tolist(),
+            "max": strategy.reduce(mine, "max").tolist(),
+            "min": strategy.reduce(mine, "min").tolist(),
+            "all_gather": strategy.all_gather(mine).tolist(),
+            "broadcast": strategy.broadcast(mine, src=1).tolist(),
+            "objects": strategy.all_gather_object({"rank": rank}),
+            "unchanged": mine.tolist(),
+        }
+        strategy.barrier()
+        with open(log, "a", encoding="utf-8") as file:
+            file.write(json.dumps(results) + "\n")
+    finally:
+        strategy.teardown()
+
+
+def test_collectives_combine_every_process(tmp_path):
+    log = tmp_path / "collectives.log"
+    torch.multiprocessing.start_processes(use_collectives, args=(2, free_port(), str(log)), nprocs=2, start_method="spawn")
+    first, second = [json.loads(line) for line in log.read_text().splitlines()]
+    for results in (first, second):
+        assert results["sum"] == [3.0, 30.0] and results["mean"] == [1.5, 15.0]
+        assert results["max"] == [2.0, 20.0] and results["min"] == [1.0, 10.0]
+        assert results["all_gather"] == [[1.0, 10.0], [2.0, 20.0]]
+        assert results["broadcast"] == [2.0, 20.0]
+        assert results["objects"] == [{"rank": 0}, {"rank": 1}]
+    assert sorted([first["unchanged"], second["unchanged"]]) == [[1.0, 10.0], [2.0, 20.0]]  # inputs are not modified in place

@@ -137,7 +137,12 @@ class DeepSpeedStrategy(ProcessGroupStrategy):
                 )
         config.pop("train_batch_size", None)
         config.update(owned)
-        config.update(managed_gradient_accumulation=False, zero_allow_untested_optimizer=True, steps_per_print=2**31)
+        # The optimizer plugin's torch optimizer also steps offloaded state: DeepSpeed's own CPU Adam
+        # would be JIT-compiled with a C++ compiler, and would replace the optimizer the user chose.
+        config.update(
+            managed_gradient_accumulation=False, zero_allow_untested_optimizer=True, zero_force_ds_cpu_optimizer=False,
+            steps_per_print=2**31,
+        )
         return config
 
     def setup(self, model, make_optimizer, settings):

@@ -60,7 +60,8 @@ class FSDPStrategy(ProcessGroupStrategy):
         settings = dict(
             mesh=mesh,
             mp_policy=MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32),
-            offload_policy=CPUOffloadPolicy() if self.cpu_offload else OffloadPolicy(),
+            # Pinned host memory needs an accelerator; on a CPU device the "offload" stays where it is.
+            offload_policy=CPUOffloadPolicy(pin_memory=self.root_device.type != "cpu") if self.cpu_offload else OffloadPolicy(),
         )
         full = model.state_dict() if self.world_size > 1 and self.is_global_zero else {}
         if not self.cpu_offload and not self.built_empty:
