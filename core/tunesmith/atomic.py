@@ -1,7 +1,7 @@
 """Writing a folder so that it appears complete or not at all.
 
-Everything is written into a staging folder beside the target, flushed to disk, then renamed
-into place. A crash at any point leaves the previous folder (or none) under the target's name;
+Everything is written into a staging folder beside the target, listed with sizes and hashes in
+its ``manifest.json`` (:mod:`tunesmith.manifest`), flushed to disk, then renamed into place. A crash at any point leaves the previous folder (or none) under the target's name;
 staging folders a killed process left behind are removed by :func:`remove_staging_leftovers`.
 """
 
@@ -11,6 +11,8 @@ import os
 import shutil
 from pathlib import Path
 from typing import Callable
+
+from tunesmith.manifest import write_manifest
 
 STAGING_PREFIX = ".staging-"
 
@@ -28,6 +30,7 @@ def write_atomically(target: Path, write_into: Callable[[Path], None]) -> None:
     staging.mkdir()
     try:
         write_into(staging)
+        write_manifest(staging)
         _fsync_tree(staging)
         _move_into_place(staging, target)
     except BaseException:
@@ -54,6 +57,7 @@ def write_atomically_together(target: Path, write_into: Callable[[Path], None], 
     write_into(staging)
     barrier()
     if leader:
+        write_manifest(staging)
         _fsync_tree(staging)
         _move_into_place(staging, target)
     barrier()

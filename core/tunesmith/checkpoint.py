@@ -11,19 +11,21 @@ No pickled code is ever written. Which process writes what is the strategy's bus
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file
 
 from tunesmith.errors import ConfigError
+from tunesmith.manifest import STATE_FILE, verify_folder
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
-STATE_FILE = "trainer_state.json"
+DAMAGED_FOLDER = "damaged"
 
 
 @dataclass
@@ -52,7 +54,12 @@ def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
-def find_resume_checkpoint(output_dir: Path, resume: str) -> Path | None:
+def find_resume_checkpoint(output_dir: Path, resume: str, report: Callable[[str], None] | None = None) -> Path | None:
+    """The checkpoint to resume from: ``--resume`` auto takes the newest whose files match its manifest.
+
+    A damaged newer checkpoint is named through ``report`` and moved aside to
+    ``OUTPUT/damaged/`` (by the process that reports), never deleted.
+    """
     if resume == "never":
         existing = [path.name for _, path in list_checkpoints(output_dir)]
         if existing:
@@ -62,12 +69,32 @@ def find_resume_checkpoint(output_dir: Path, resume: str) -> Path | None:
             )
         return None
     if resume == "auto":
-        checkpoints = list_checkpoints(output_dir)
-        return checkpoints[-1][1] if checkpoints else None
+        for _, checkpoint in reversed(list_checkpoints(output_dir)):
+            problems = verify_folder(checkpoint)
+            if not problems:
+                return checkpoint
+            if report is not None:
+                moved = move_aside(checkpoint)
+                report(f"{checkpoint} is damaged ({'; '.join(problems)}); moved it to {moved} and looked for an older checkpoint")
+        return None
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
         raise ConfigError(f"--resume {resume}: not a complete checkpoint folder (no {STATE_FILE}); use auto, never or a checkpoint-N folder")
+    problems = verify_folder(path)
+    if problems:
+        raise ConfigError(f"--resume {resume}: the checkpoint is damaged ({'; '.join(problems)}); use another checkpoint or --resume auto")
     return path
+
+
+def move_aside(checkpoint: Path) -> Path:
+    """Move a damaged checkpoint to ``OUTPUT/damaged/`` for inspection; return where it went."""
+    damaged = checkpoint.parent / DAMAGED_FOLDER
+    damaged.mkdir(exist_ok=True)
+    target, attempt = damaged / checkpoint.name, 1
+    while target.exists():
+        target, attempt = damaged / f"{checkpoint.name}-{attempt}", attempt + 1
+    os.rename(checkpoint, target)
+    return target
 
 
 def rotate_checkpoints(output_dir: Path, keep: int) -> list[Path]:

@@ -11,6 +11,7 @@ from tunesmith.commands.env import env_command
 from tunesmith.commands.export import export_command
 from tunesmith.commands.infer import infer_command
 from tunesmith.commands.plugins import plugins_command
+from tunesmith.commands.verify import verify_command
 from tunesmith.errors import TunesmithError
 
 BUILTIN_COMMANDS = {
@@ -18,6 +19,7 @@ BUILTIN_COMMANDS = {
     "env": env_command,
     "infer": infer_command,
     "export": export_command,
+    "verify": verify_command,
 }
 
 
@@ -59,7 +61,9 @@ def main(argv: list[str] | None = None) -> None:
     # peft asks transformers a deprecated question on every adapter load; nothing a user can act on.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
-        cli.main(args=argv, prog_name="tunesmith", standalone_mode=False)
+        code = cli.main(args=argv, prog_name="tunesmith", standalone_mode=False)
+        if isinstance(code, int) and code:  # a command ended with click.exceptions.Exit(code)
+            sys.exit(code)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import click
+
 from tunesmith.checkpoint import find_resume_checkpoint
 from tunesmith.device import Device
 from tunesmith.errors import ConfigError
@@ -79,7 +81,9 @@ def plan_training(trainer_name: str, config: TrainConfig, manager: PluginManager
     strategy_class.check_runnable(device, precision, options)
     global_batch = config.batch_size * config.grad_accum * world_size
     identity = run_identity(trainer_name, config, global_batch, strategy_class.checkpoint_format, world_size)
-    resume_from = find_resume_checkpoint(Path(config.output_dir), config.resume)
+    # The first process names (and moves aside) a damaged checkpoint; the others only skip it.
+    report = warn if environment.rank == 0 else None
+    resume_from = find_resume_checkpoint(Path(config.output_dir), config.resume, report)
     if resume_from is not None:
         check_identity(resume_from, identity, config.strategy, strategy_class.reshards_checkpoints(options))
     launch = LaunchOptions(nproc_per_node, config.nnodes, config.node_rank, config.master_addr, config.master_port)
@@ -104,3 +108,7 @@ def process_count(requested: str, device: Device, environment: ProcessEnvironmen
 def strategy_options(strategy: Registered, config: TrainConfig) -> dict:
     """The values of the options the chosen strategy declares."""
     return {spec.name: config.plugin_options.get(spec.name, spec.default) for spec in strategy.spec.options}
+
+
+def warn(message: str) -> None:
+    click.echo(f"warning: {message}", err=True)
