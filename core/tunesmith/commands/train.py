@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import traceback
+from pathlib import Path
+
 import click
 
 from tunesmith.config import PluginOption, click_options, resolve_config
+from tunesmith.errors import TrainingError, TunesmithError
+
+
+def write_error_log(output_dir: Path, rank: int) -> Path:
+    """Write the exception being handled, with its traceback, to ``OUTPUT/error.log`` (``error-rankN.log`` beyond rank 0)."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    log = output_dir / ("error.log" if rank == 0 else f"error-rank{rank}.log")
+    log.write_text(traceback.format_exc(), encoding="utf-8")
+    return log
 
 
 def make_train_command(trainer_name: str, description: str = "", plugin_options: dict[str, PluginOption] | None = None) -> click.Command:
@@ -19,8 +31,18 @@ def make_train_command(trainer_name: str, description: str = "", plugin_options:
         plan = plan_training(trainer_name, config, manager)
         if plan.needs_launch:
             launch_processes(trainer_name, config, plan.launch)
-        else:
+            return
+        try:
             train(trainer_name, config, manager, plan=plan)
+        except TunesmithError:
+            raise
+        except Exception as error:
+            log = write_error_log(Path(config.output_dir), plan.environment.rank)
+            raise TrainingError(
+                f"unexpected {type(error).__name__}: {error}. This is a bug in tunesmith or in a plugin, not in your input; "
+                f"the full traceback is in {log} (please attach it to a bug report). Checkpoints already written in "
+                f"{config.output_dir} are intact."
+            ) from None
 
     help_text = f"Train with the {trainer_name!r} objective: {description}" if description else f"Train with the {trainer_name!r} objective."
     return click.command(trainer_name, help=help_text, context_settings={"show_default": True})(click_options(run, plugin_options))

@@ -1,0 +1,39 @@
+"""An exception nobody expected ends in one paragraph on the terminal and the full traceback in
+``OUTPUT/error.log``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from tests.helpers import chat_rows, write_jsonl
+
+BROKEN_TRAINER = """
+import sys
+from tunesmith_trainers.sft import SFTTrainer
+
+def compute_loss(self, model, batch):
+    raise RuntimeError("boom inside a trainer")
+
+SFTTrainer.compute_loss = compute_loss
+from tunesmith.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_an_unexpected_exception_in_a_trainer_is_one_paragraph_and_a_log(tiny_model_dir, tmp_path):
+    script = tmp_path / "broken_trainer.py"
+    script.write_text(BROKEN_TRAINER)
+    data = write_jsonl(tmp_path / "train.jsonl", chat_rows(4))
+    output = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, str(script), "sft", "--model", str(tiny_model_dir), "--dataset", str(data), "--output-dir", str(output),
+         "--max-steps", "1"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode != 0
+    assert "error: unexpected RuntimeError: boom inside a trainer" in result.stderr
+    assert f"the full traceback is in {output / 'error.log'}" in result.stderr
+    assert "Traceback" not in result.stderr
+    log = (output / "error.log").read_text()
+    assert "Traceback" in log and "boom inside a trainer" in log and "compute_loss" in log
