@@ -203,7 +203,12 @@ def test_split_validation_holds_out_at_least_one_example():
 GOOD = json.dumps(conversation(1))
 
 BAD_FILES = {
-    "malformed JSON line": ([GOOD, '{"messages": [', GOOD], r"data\.jsonl:2: invalid JSON"),
+    "malformed JSON line": ([GOOD, '{"messages": [', GOOD], r"data\.jsonl:2: invalid JSON: expecting value at the end of the line$"),
+    "raw tab in a JSON string": (
+        [GOOD, '{"text": "a\tb"}', GOOD],
+        r"data\.jsonl:2: invalid JSON: control character '\\t' at column 12; inside a string write it escaped, as \\t$",
+    ),
+    "unterminated JSON string": ([GOOD, '{"text": "ab', GOOD], r"data\.jsonl:2: invalid JSON: unterminated string starting at column 10$"),
     "non-object row": ([GOOD, "[1, 2]", GOOD], r"data\.jsonl:2: expected an object .*got a list"),
     "missing field": ([GOOD, json.dumps({"id": 3}), GOOD], r"data\.jsonl:2: messages: missing"),
     "unknown role": (
@@ -263,6 +268,13 @@ def test_a_bad_csv_row_names_its_line(tmp_path):
 def test_a_bad_json_list_element_names_its_row(tmp_path):
     path = write_json(tmp_path / "data.json", [conversation(1), "oops"])
     with pytest.raises(BadRowError, match=r"data\.json:2: expected an object .*got a string"):
+        load(path)
+
+
+def test_malformed_json_file_names_its_line_and_column(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text('[\n  {"text": "a"},\n  {"text": "b"}\n  {"text": "c"}\n]\n')
+    with pytest.raises(DataError, match=r"data\.json:4: invalid JSON: expecting ',' delimiter at column 3; expected a list of objects$"):
         load(path)
 
 

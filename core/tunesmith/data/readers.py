@@ -74,6 +74,20 @@ def json_type(value: Any) -> str:
     return type(value).__name__
 
 
+def _json_problem(error: json.JSONDecodeError, text: str) -> str:
+    """What is wrong and where, for a message after ``path:line: ``; ``text`` names what was
+    parsed ("line" or "file"), e.g. "invalid JSON: expecting value at the end of the line"."""
+    # Two of json's messages ("Invalid control character at", "Unterminated string starting at")
+    # already end in the "at" that comes before the position.
+    what = error.msg.removesuffix(" at")
+    where = f"at the end of the {text}" if error.pos == len(error.doc) else f"at column {error.colno}"
+    if what.startswith("Invalid control character"):
+        character = error.doc[error.pos]
+        escaped = json.dumps(character)[1:-1]
+        return f"invalid JSON: control character {character!r} {where}; inside a string write it escaped, as {escaped}"
+    return f"invalid JSON: {what[0].lower()}{what[1:]} {where}"
+
+
 # The private readers yield a BadRowError in place of a record so that read_records, not each
 # format, decides whether a bad row stops reading.
 
@@ -85,9 +99,10 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
             if not line.strip():
                 continue
             try:
-                yield number, json.loads(line)
+                # Without its line ending, so positions are within the line as an editor shows it.
+                yield number, json.loads(line.rstrip(b"\r\n"))
             except json.JSONDecodeError as error:
-                yield number, BadRowError(f"{path}:{number}: invalid JSON ({error.msg} at column {error.pos + 1})")
+                yield number, BadRowError(f"{path}:{number}: {_json_problem(error, 'line')}")
             except UnicodeDecodeError as error:
                 yield number, BadRowError(f"{path}:{number}: not UTF-8 text ({error})")
 
@@ -96,12 +111,12 @@ def _read_json(path: Path) -> Iterator[tuple[int, Any]]:
     text = _read_text(path)
     try:
         data = json.loads(text)
-    except ValueError as error:
+    except json.JSONDecodeError as error:
         # Many published ".json" datasets are really JSON Lines: one object per line.
         if text.lstrip().startswith("{"):
             yield from _read_jsonl(path)
             return
-        raise DataError(f"{path}: invalid JSON ({error}); expected a list of objects") from None
+        raise DataError(f"{path}:{error.lineno}: {_json_problem(error, 'file')}; expected a list of objects") from None
     if isinstance(data, dict):
         yield 1, data
     elif isinstance(data, list):
