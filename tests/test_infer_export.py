@@ -169,9 +169,16 @@ def test_adapter_folder_without_adapter_config_is_rejected(command, tiny_model_d
     assert run_cli(command, "--model", tiny_model_dir, "--adapter", tmp_path, *args) != 0
     assert f"--adapter {tmp_path}: no adapter_config.json" in capsys.readouterr().err
 
-    # A full model folder passed as an adapter is pointed at --model instead.
+    # A full model folder passed as an adapter: infer takes it as --model; export has nothing to do.
     assert run_cli(command, "--adapter", tiny_model_dir, *args) != 0
-    assert "pass it as --model" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"--adapter {tiny_model_dir}: no adapter_config.json there, so it is not a peft adapter folder (it holds a full model: " in err
+    if command == "infer":
+        assert "pass it as --model instead" in err
+    else:
+        assert "there is nothing to merge; use or copy that folder as it is, e.g. tunesmith infer --model" in err
+        assert "pass it as --model" not in err
+        assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("command", ["infer", "export"])

@@ -16,13 +16,14 @@ from tunesmith.models import DEFAULT_MODEL
 RUN_CONFIG = "config.yaml"
 
 
-def adapter_folder(adapter: str) -> Path:
-    """``adapter`` as a path, checked to be a peft adapter folder."""
+def adapter_folder(adapter: str, if_full_model: str) -> Path:
+    """``adapter`` as a path, checked to be a peft adapter folder; ``if_full_model`` is what the
+    error tells a user who passed a full model folder instead, which differs by command."""
     path = Path(adapter).expanduser()
     if not path.is_dir():
         raise ConfigError(f"--adapter {adapter}: no such folder; expected a peft adapter folder (OUTPUT/final or OUTPUT/checkpoint-N)")
     if not (path / "adapter_config.json").is_file():
-        hint = " (it holds a full model: pass it as --model instead)" if (path / "config.json").is_file() else ""
+        hint = f" (it holds a full model: {if_full_model})" if (path / "config.json").is_file() else ""
         raise ConfigError(f"--adapter {adapter}: no adapter_config.json there, so it is not a peft adapter folder{hint}")
     return path
 

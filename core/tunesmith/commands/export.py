@@ -24,7 +24,8 @@ from tunesmith.models import DEFAULT_MODEL
 @click.option("--trust-remote-code/--no-trust-remote-code", default=False, show_default=True, help="Allow the model folder's own Python code to run.")
 def export_command(model, adapter, output, force, trust_remote_code):
     """Merge a LoRA/DoRA adapter into its base model; save safetensors weights and the tokenizer."""
-    adapter_path = adapter_folder(adapter)
+    already = f"there is nothing to merge; use or copy that folder as it is, e.g. tunesmith infer --model {adapter}"
+    adapter_path = adapter_folder(adapter, if_full_model=already)
     model_name = base_model(model, adapter_path)
     if model is None:
         click.echo(f"base model: {model_name}", err=True)

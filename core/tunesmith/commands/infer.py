@@ -42,7 +42,7 @@ def infer_command(model, adapter, prompt, system, max_new_tokens, temperature, t
         repetition_penalty=repetition_penalty,
         seed=seed,
     )
-    adapter_path = adapter_folder(adapter) if adapter is not None else None
+    adapter_path = adapter_folder(adapter, if_full_model="pass it as --model instead") if adapter is not None else None
     model_name = base_model(model, adapter_path)
     if model is None and adapter_path is not None:
         click.echo(f"base model: {model_name}", err=True)
