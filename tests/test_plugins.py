@@ -135,6 +135,27 @@ def test_plugins_command_prints_the_table(capsys):
     assert any(row.startswith("strategy single tunesmith") for row in rows)
 
 
+@pytest.mark.parametrize("command", ["plugins", "env"])
+def test_plugin_tables_fit_an_80_column_terminal_and_cut_nothing(command, extra_entry_points, monkeypatch, capsys):
+    from tests.helpers import run_cli
+
+    long_name = "tunesmith-a-distribution-with-a-name-much-too-long-for-its-column"
+    extra_entry_points(fake_entry_point("extra", "tests.example_plugin", long_name))
+    monkeypatch.setenv("TUNESMITH_PLUGINS", long_name)
+    monkeypatch.setenv("COLUMNS", "80")
+    assert run_cli(command) == 0
+    out = capsys.readouterr().out
+    assert max(len(line) for line in out.splitlines()) <= 80, out
+    assert "…" not in out  # long cells wrap or fold rather than being cut short
+    # Every word of the cpu device's description is there, wrapped over lines.
+    words = " ".join(out.replace("│", " ").split())
+    for word in create_plugin_manager().collect("device")["cpu"].spec.description.split():
+        assert f" {word} " in f" {words} ", out
+    if command == "plugins":
+        cells = [line.split("│")[3].strip() for line in out.splitlines() if line.count("│") == 7]
+        assert long_name in "".join(cells)
+
+
 class RaisingPlugin:
     @hookimpl
     def tunesmith_register_rewards(self):

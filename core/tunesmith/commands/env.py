@@ -25,15 +25,19 @@ def package_version(name: str) -> str:
 @click.command("env")
 def env_command():
     """Print versions, every device found, and which device --device auto picks and why."""
-    console = Console(width=200)
+    console = Console()
     console.print(f"python: {platform.python_version()} ({platform.platform()})")
     for name in REPORTED_PACKAGES:
         console.print(f"{name}: {package_version(name)}")
 
     manager = create_plugin_manager()
     table = Table(title="devices")
-    for column in ("name", "priority", "available", "distribution", "details"):
-        table.add_column(column)
+    # As wide as the terminal: the short columns stay whole, the others wrap (a long name folds).
+    table.add_column("name", overflow="fold")
+    table.add_column("priority", no_wrap=True)
+    table.add_column("available", no_wrap=True)
+    table.add_column("distribution", overflow="fold")
+    table.add_column("details", overflow="fold")
     candidates = manager.device_candidates()
     for candidate in candidates:
         details = candidate.probe_error or candidate.registered.spec.description

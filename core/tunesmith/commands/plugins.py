@@ -14,14 +14,19 @@ def plugins_command():
     """List installed plugins: kind, name, distribution, version, and device availability."""
     manager = create_plugin_manager()
     table = Table(title="tunesmith plugins")
-    for column in ("kind", "name", "distribution", "version", "available", "description"):
-        table.add_column(column)
+    # As wide as the terminal: the short columns stay whole, the others wrap (a long name folds).
+    table.add_column("kind", no_wrap=True)
+    table.add_column("name", overflow="fold")
+    table.add_column("distribution", overflow="fold")
+    table.add_column("version", no_wrap=True)
+    table.add_column("available", no_wrap=True)
+    table.add_column("description", overflow="fold")
     availability = {c.name: c.available for c in manager.device_candidates()}
     for kind in KINDS:
         for name, registered in sorted(manager.collect(kind).items()):
             available = ("yes" if availability[name] else "no") if kind == "device" else ""
             table.add_row(kind, name, registered.distribution, registered.version, available, registered.spec.description)
-    console = Console(width=200)
+    console = Console()
     console.print(table)
     for plugin_name, distribution, error in manager.failures:
         console.print(f"[yellow]failed to load[/] {plugin_name} (distribution {distribution}): {error}")
