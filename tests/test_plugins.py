@@ -11,7 +11,7 @@ import pytest
 from tunesmith import plugins as plugins_module
 from tunesmith.errors import PluginError
 from tunesmith.hooks import hookimpl
-from tunesmith.plugins import PluginLoadWarning, create_plugin_manager
+from tunesmith.plugins import AllowListWarning, PluginLoadWarning, create_plugin_manager
 from tunesmith.records import DeviceSpec, RewardSpec
 
 
@@ -122,6 +122,29 @@ def test_allow_list(extra_entry_points, monkeypatch):
     manager = create_plugin_manager()
     assert "extra-dist:extra" in manager.origins
     assert manager.collect("reward")["example-length"].distribution == "extra-dist"
+
+
+def test_an_allow_list_name_matching_no_plugin_warns_once_naming_what_is_installed(extra_entry_points, monkeypatch):
+    extra_entry_points(fake_entry_point("extra", "tests.example_plugin", "extra-dist"))
+    monkeypatch.setenv("TUNESMITH_PLUGINS", "extra-dist, bogus-allow-list-name")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        manager = create_plugin_manager()
+        create_plugin_manager()  # a command builds several managers; the user hears about it once
+    messages = [str(w.message) for w in caught if issubclass(w.category, AllowListWarning)]
+    assert len(messages) == 1, messages
+    assert "TUNESMITH_PLUGINS names 'bogus-allow-list-name'" in messages[0]
+    assert messages[0].endswith("installed plugins: extra-dist (entry point extra)")
+    assert "extra-dist:extra" in manager.origins  # the names that match still load
+
+
+@pytest.mark.parametrize("names", ["extra", "Extra_Dist", "extra-dist,tunesmith"])
+def test_allow_list_names_matching_a_plugin_do_not_warn(extra_entry_points, monkeypatch, names):
+    extra_entry_points(fake_entry_point("extra", "tests.example_plugin", "extra-dist"))
+    monkeypatch.setenv("TUNESMITH_PLUGINS", names)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert "extra-dist:extra" in create_plugin_manager().origins
 
 
 def test_plugins_command_prints_the_table(capsys):

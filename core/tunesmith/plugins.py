@@ -4,8 +4,9 @@ Plugins are modules named by entry points in the ``tunesmith`` group. tunesmith'
 built-ins (the cpu device, the ``single`` strategy, the ``sft``/``pt`` trainers, the
 optimizers) register through the same entry points and always load. Third-party plugins obey
 the ``TUNESMITH_PLUGINS`` allow-list: unset loads all, empty loads none, otherwise a
-comma-separated list of entry-point or distribution names. A plugin that fails to import is
-reported as a warning naming it, and everything else keeps working.
+comma-separated list of entry-point or distribution names; a name there that matches no
+installed plugin is reported once as a warning. A plugin that fails to import is reported as a
+warning naming it, and everything else keeps working.
 """
 
 from __future__ import annotations
@@ -59,17 +60,52 @@ class PluginLoadWarning(UserWarning):
     """A plugin could not be loaded and was skipped."""
 
 
+class AllowListWarning(UserWarning):
+    """``TUNESMITH_PLUGINS`` names a plugin that is not installed (often a typo)."""
+
+
+# Unknown allow-list names already warned about: every command builds more than one manager.
+_reported_unknown_names: set[tuple[str, ...]] = set()
+
+
 def normalize_name(name: str) -> str:
     """Compare names as pip does: case-insensitive, with '-', '_' and '.' alike."""
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def allowed_plugin_names() -> set[str] | None:
-    """Names allowed by ``TUNESMITH_PLUGINS``; ``None`` means every plugin is allowed."""
+def allowed_plugin_names() -> dict[str, str] | None:
+    """Names allowed by ``TUNESMITH_PLUGINS``, normalized, each mapped to its spelling there;
+    ``None`` means every plugin is allowed."""
     value = os.environ.get(ALLOW_LIST_VARIABLE)
     if value is None:
         return None
-    return {normalize_name(name.strip()) for name in value.split(",") if name.strip()}
+    return {normalize_name(name.strip()): name.strip() for name in value.split(",") if name.strip()}
+
+
+def _warn_about_unknown_names(allowed: dict[str, str], entry_points: list[metadata.EntryPoint]) -> None:
+    """Warn, once per process, about names in the allow-list that match no installed plugin's
+    entry point or distribution: such a name (often a typo) would otherwise load nothing silently."""
+    known = {normalize_name(name) for entry_point in entry_points for name in (entry_point.name, _distribution(entry_point))}
+    unknown = tuple(spelling for name, spelling in allowed.items() if name not in known)
+    if not unknown or unknown in _reported_unknown_names:
+        return
+    _reported_unknown_names.add(unknown)
+    installed = sorted(
+        f"{_distribution(entry_point)} (entry point {entry_point.name})"
+        for entry_point in entry_points
+        if normalize_name(_distribution(entry_point)) != BUILTIN_DISTRIBUTION
+    )
+    warnings.warn(
+        f"{ALLOW_LIST_VARIABLE} names {' and '.join(map(repr, unknown))}, but no installed plugin distribution or "
+        f"entry point is called that, so nothing is loaded for it; installed plugins: "
+        f"{', '.join(installed) or 'none besides the built-ins'}",
+        AllowListWarning,
+        stacklevel=3,
+    )
+
+
+def _distribution(entry_point: metadata.EntryPoint) -> str:
+    return entry_point.dist.name if entry_point.dist else "<unknown>"
 
 
 @dataclass
@@ -110,8 +146,11 @@ class PluginManager:
 
     def load_entry_points(self) -> None:
         allowed = allowed_plugin_names()
-        for entry_point in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name):
-            distribution = entry_point.dist.name if entry_point.dist else "<unknown>"
+        entry_points = sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda ep: ep.name)
+        if allowed:
+            _warn_about_unknown_names(allowed, entry_points)
+        for entry_point in entry_points:
+            distribution = _distribution(entry_point)
             version = entry_point.dist.version if entry_point.dist else ""
             builtin = normalize_name(distribution) == BUILTIN_DISTRIBUTION
             if not builtin and allowed is not None and not (
