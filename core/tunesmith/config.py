@@ -1,14 +1,15 @@
 """Training options: one definition gives the CLI flag (``--learning-rate``), the YAML key
-(``learning_rate``), the default, the help text and the validation.
+(``learning_rate``; ``learning-rate`` works too), the default, the help text and the validation.
 
 Values are resolved as defaults < ``--config FILE`` < flags given on the command line. An
 unknown YAML key or a bad value is a :class:`~tunesmith.errors.ConfigError` naming the file,
-the key and what would be valid.
+the key and what would be valid; an unknown key also gets the likeliest intended one.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,6 +109,24 @@ class TrainConfig:
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig) if "help" in f.metadata}
 
+# Names from Hugging Face TrainingArguments, TRL's SFTConfig and peft's LoraConfig that users
+# bring to a --config file, and what to write here instead. Only suggested, never accepted.
+HUGGING_FACE_NAMES = {
+    "model_name_or_path": "model",
+    "max_seq_length": "max_length",
+    "num_train_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "lr_scheduler_type": "lr_scheduler",
+    "optim": "optimizer",
+    "bf16": "precision: bf16",
+    "fp16": "precision: fp16",
+    "resume_from_checkpoint": "resume",
+    "r": "lora_rank",
+    "lora_r": "lora_rank",
+    "use_dora": "adapter: dora",
+}
+
 
 @dataclass(frozen=True)
 class PluginOption:
@@ -175,7 +194,7 @@ def click_options(command, plugin_options: dict[str, PluginOption] | None = None
         "--config",
         "config_file",
         type=click.Path(dir_okay=False, path_type=Path),
-        help="YAML file of options (keys like learning_rate); flags override it.",
+        help="YAML file of options (keys like learning_rate or learning-rate); flags override it.",
     )(command)
 
 
@@ -222,10 +241,26 @@ def load_config_file(path: Path, definitions: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"--config {path}: not valid YAML ({error})") from error
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of option names to values, got {type(data).__name__}")
-    unknown = sorted(set(data) - set(definitions))
-    if unknown:
-        raise ConfigError(f"{path}: unknown key {unknown[0]!r}; valid keys: {', '.join(definitions)}")
-    return data
+    options: dict[str, Any] = {}
+    spellings: dict[str, Any] = {}
+    for key, value in data.items():
+        # Keys are written like the flags (learning-rate) as often as like the fields (learning_rate).
+        name = key.replace("-", "_") if isinstance(key, str) else key
+        if name not in definitions:
+            raise ConfigError(f"{path}: unknown key {key!r}{_suggestion(name, definitions)}; valid keys: {', '.join(definitions)}")
+        if name in spellings:
+            raise ConfigError(f"{path}: keys {spellings[name]!r} and {key!r} are the same option; keep one")
+        spellings[name] = key
+        options[name] = value
+    return options
+
+
+def _suggestion(key: Any, definitions: dict[str, Any]) -> str:
+    """What the user probably meant by an unknown key, as a parenthesis; "" without a good guess."""
+    if key in HUGGING_FACE_NAMES:
+        return f" (a Hugging Face TrainingArguments/TRL/peft name; here write '{HUGGING_FACE_NAMES[key]}')"
+    close = difflib.get_close_matches(str(key), definitions, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def cast_value(ctx: click.Context, path: Path, key: str, raw: Any, meta: dict[str, Any]) -> Any:
