@@ -79,6 +79,38 @@ def test_one_step_loss_is_the_same_with_and_without_packing(tiny_model_dir, data
     assert packed_line["num_tokens"] == plain_line["num_tokens"]
 
 
+PACKED_INTO_TOO_FEW_ROWS = "--packing put the 40 training samples into 2 rows of up to --max-length 1024 tokens, fewer than one global batch of 4"
+
+
+def test_packing_into_fewer_rows_than_a_batch_warns(tiny_model_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "short.jsonl", chat_rows(40))
+    assert run_cli(*base_args(tiny_model_dir, data, tmp_path / "run", "--packing", "--max-steps", "1")) == 0
+    captured = capsys.readouterr()
+    assert "40 training samples in 2 rows" in captured.out  # about 43 tokens each: 23 fit a 1024-token row
+    assert f"warning: {PACKED_INTO_TOO_FEW_ROWS} (--batch-size 4 x --grad-accum 1), so every step trains on all of them" in captured.err
+    assert "use a smaller --max-length, --batch-size or --grad-accum" in captured.err
+    # Enough rows for a batch: no warning.
+    assert run_cli(*base_args(tiny_model_dir, data, tmp_path / "fits", "--packing", "--max-length", "256", "--max-steps", "1")) == 0
+    assert "--packing put" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("rank", "warned"), [("0", True), ("1", False)])
+def test_the_packing_warning_counts_every_process_and_comes_from_the_first(tiny_model_dir, tmp_path, monkeypatch, capsys, rank, warned):
+    from transformers import AutoTokenizer
+
+    from tunesmith.config import TrainConfig
+    from tunesmith.data.setup import build_training_data
+    from tunesmith_trainers.sft import SFTTrainer
+
+    data = write_jsonl(tmp_path / "short.jsonl", chat_rows(40))
+    for name, value in {"RANK": rank, "WORLD_SIZE": "2", "LOCAL_RANK": rank}.items():
+        monkeypatch.setenv(name, value)
+    config = TrainConfig(dataset=(str(data),), packing=True, batch_size=2)
+    build_training_data(SFTTrainer(AutoTokenizer.from_pretrained(tiny_model_dir), config), config)
+    expected = "fewer than one global batch of 4 (--batch-size 2 x --grad-accum 1 x 2 processes)"
+    assert (expected in capsys.readouterr().err) == warned
+
+
 def test_config_file_flags_override_and_resolved_config_is_written(tiny_model_dir, data_file, tmp_path):
     output = tmp_path / "run"
     config = tmp_path / "config.yaml"

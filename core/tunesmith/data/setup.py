@@ -8,6 +8,8 @@ from tunesmith.data.loading import load_examples, split_validation
 from tunesmith.data.packing import pack, unpacked
 from tunesmith.data.pipeline import PreparedData, prepare_samples
 from tunesmith.data.types import Sample
+from tunesmith.launch import ProcessEnvironment
+from tunesmith.runtime import warn
 
 
 @dataclass
@@ -42,11 +44,31 @@ def build_training_data(trainer, config) -> TrainingData:
 
     train = prepare_samples(trainer, train_examples, config.max_length, config.skip_bad_rows)
     bad_rows += train.bad_rows
-    arrange = (lambda samples: pack(samples, config.max_length)) if config.packing else unpacked
+    if config.packing:
+        train_rows = pack(train.samples, config.max_length)
+        _warn_when_packed_into_less_than_a_batch(len(train.samples), len(train_rows), config)
+    else:
+        train_rows = unpacked(train.samples)
     evaluation = None
     eval_rows: list[list[Sample]] = []
     if eval_examples:
         evaluation = prepare_samples(trainer, eval_examples, config.max_length, config.skip_bad_rows)
         bad_rows += evaluation.bad_rows
         eval_rows = unpacked(evaluation.samples)
-    return TrainingData(arrange(train.samples), eval_rows, train, evaluation, bad_rows)
+    return TrainingData(train_rows, eval_rows, train, evaluation, bad_rows)
+
+
+def _warn_when_packed_into_less_than_a_batch(samples: int, rows: int, config) -> None:
+    """Many short samples packed into long rows can leave fewer rows than one optimizer step
+    takes: then every step trains on all of them, and an epoch is a single step."""
+    environment = ProcessEnvironment.from_environ()
+    global_batch = config.batch_size * config.grad_accum * environment.world_size
+    if rows >= global_batch or environment.rank != 0:
+        return
+    processes = f" x {environment.world_size} processes" if environment.world_size > 1 else ""
+    warn(
+        f"--packing put the {samples} training samples into {rows} rows of up to --max-length {config.max_length} tokens, "
+        f"fewer than one global batch of {global_batch} (--batch-size {config.batch_size} x --grad-accum {config.grad_accum}{processes}), "
+        "so every step trains on all of them and an epoch is a single step; "
+        "for more, smaller steps use a smaller --max-length, --batch-size or --grad-accum"
+    )
