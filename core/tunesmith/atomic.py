@@ -1,8 +1,9 @@
 """Writing a folder so that it appears complete or not at all.
 
 Everything is written into a staging folder beside the target, listed with sizes and hashes in
-its ``manifest.json`` (:mod:`tunesmith.manifest`), flushed to disk, then renamed into place. A crash at any point leaves the previous folder (or none) under the target's name;
-staging folders a killed process left behind are removed by :func:`remove_staging_leftovers`.
+its ``manifest.json`` (:mod:`tunesmith.manifest`), flushed to disk, then renamed into place. A
+crash at any point leaves the previous folder (or none) under the target's name; staging folders a killed process left behind are removed by
+:func:`remove_staging_leftovers`. A write that fails is cleaned up at once.
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ import shutil
 from pathlib import Path
 from typing import Callable
 
+from tunesmith.errors import StorageError
 from tunesmith.manifest import write_manifest
+from tunesmith.storage import free_bytes, human_bytes, storage_failure
 
 STAGING_PREFIX = ".staging-"
 
@@ -20,21 +23,23 @@ STAGING_PREFIX = ".staging-"
 def write_atomically(target: Path, write_into: Callable[[Path], None]) -> None:
     """Call ``write_into(folder)`` on a staging folder, then rename it to ``target``.
 
-    An existing ``target`` is replaced only once the new folder is complete.
+    An existing ``target`` is replaced only once the new folder is complete. A write the
+    storage refuses (full, read-only, failing) raises :class:`~tunesmith.errors.StorageError`
+    once the staging folder is removed.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f"{STAGING_PREFIX}{target.name}-{os.getpid()}"
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir()
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if staging.exists():
+            shutil.rmtree(staging)
+        staging.mkdir()
         write_into(staging)
         write_manifest(staging)
         _fsync_tree(staging)
         _move_into_place(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+    except BaseException as error:
+        _give_up(error, staging, target)
         raise
 
 
@@ -44,23 +49,40 @@ def write_atomically_together(target: Path, write_into: Callable[[Path], None], 
     The ``leader`` prepares one staging folder, every process writes its files into it, and
     the leader renames it into place once all have finished. If any process dies first, the
     launcher stops the others and the previous ``target`` is untouched; the staging folder is
-    removed by the next run's :func:`remove_staging_leftovers`.
+    removed by the process that failed or, after a kill, by the next run's
+    :func:`remove_staging_leftovers`.
     """
     target = Path(target)
     staging = target.parent / f"{STAGING_PREFIX}{target.name}"
-    if leader:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if staging.exists():
-            shutil.rmtree(staging)
-        staging.mkdir()
-    barrier()
-    write_into(staging)
-    barrier()
-    if leader:
-        write_manifest(staging)
-        _fsync_tree(staging)
-        _move_into_place(staging, target)
-    barrier()
+    try:
+        if leader:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if staging.exists():
+                shutil.rmtree(staging)
+            staging.mkdir()
+        barrier()
+        write_into(staging)
+        barrier()
+        if leader:
+            write_manifest(staging)
+            _fsync_tree(staging)
+            _move_into_place(staging, target)
+        barrier()
+    except BaseException as error:
+        _give_up(error, staging, target)  # the other processes stop when the launcher sees this one fail
+        raise
+
+
+def _give_up(error: BaseException, staging: Path, target: Path) -> None:
+    """Remove the staging folder; when the storage is to blame, say so as a :class:`StorageError`."""
+    failure = storage_failure(error, staging.parent) if isinstance(error, Exception) else None
+    shutil.rmtree(staging, ignore_errors=True)
+    if failure is not None:
+        kept = f"; {target} is unchanged" if target.exists() else ""
+        raise StorageError(
+            f"could not write {target}: {failure} ({human_bytes(free_bytes(target.parent))} free there now). "
+            f"The partly written folder was removed{kept}"
+        ) from error
 
 
 def _move_into_place(staging: Path, target: Path) -> None:

@@ -14,14 +14,15 @@ import json
 import os
 import re
 import shutil
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors.torch import load_file
 
-from tunesmith.errors import ConfigError
+from tunesmith.errors import ConfigError, StorageError
 from tunesmith.manifest import STATE_FILE, verify_folder
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
@@ -97,15 +98,39 @@ def move_aside(checkpoint: Path) -> Path:
     return target
 
 
-def rotate_checkpoints(output_dir: Path, keep: int) -> list[Path]:
-    """Delete the oldest checkpoints beyond ``keep`` (0 keeps all); the newest always survives."""
+def rotate_checkpoints(output_dir: Path, keep: int, making_room: bool = False) -> list[Path]:
+    """Delete the oldest checkpoints beyond ``keep`` (0 keeps all); the newest always survives.
+
+    ``making_room``: called before a new checkpoint is written, so keep one fewer (the new one
+    will make up the number), but never the newest complete one until its successor exists.
+    """
     if keep <= 0:
         return []
+    keep = max(keep - 1, 1) if making_room else keep
     checkpoints = list_checkpoints(output_dir)
-    doomed = [path for _, path in checkpoints[: max(0, len(checkpoints) - max(keep, 1))]]
+    doomed = [path for _, path in checkpoints[: max(0, len(checkpoints) - keep)]]
     for path in doomed:
         shutil.rmtree(path)
     return doomed
+
+
+@contextmanager
+def advice_on_storage_errors(output_dir: Path, save_total_limit: int) -> Iterator[None]:
+    """Add to a :class:`StorageError` what the user still has and how to go on."""
+    try:
+        yield
+    except StorageError as error:
+        checkpoints = list_checkpoints(output_dir)
+        if checkpoints:
+            step, newest = checkpoints[-1]
+            still = f"The newest complete checkpoint is {newest} (step {step}); the same command run again resumes from it."
+        else:
+            still = "No checkpoint was written yet, so a new run starts from the beginning."
+        limit = f"now {save_total_limit}" if save_total_limit else "now 0, keeping all"
+        raise StorageError(
+            f"{error}. {still} To go on: free space on that disk, keep fewer checkpoints with --save-total-limit "
+            f"({limit}), or use another --output-dir on a disk with room (copy this run folder there to keep its checkpoints)"
+        ) from error.__cause__
 
 
 @dataclass

@@ -21,19 +21,21 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from tunesmith.atomic import remove_staging_leftovers
-from tunesmith.checkpoint import LoopState, TrainingState, rotate_checkpoints
+from tunesmith.checkpoint import LoopState, TrainingState, advice_on_storage_errors, list_checkpoints, rotate_checkpoints
 from tunesmith.config import TrainConfig, write_config
 from tunesmith.data.order import BatchOrder
 from tunesmith.data.setup import build_training_data
 from tunesmith.data.sharding import shard_step
 from tunesmith.data.tokenize import ensure_chat_template
-from tunesmith.errors import ConfigError, TrainingError
+from tunesmith.errors import ConfigError, StorageError, TrainingError
+from tunesmith.failure import note_failure_time
 from tunesmith.metrics import MetricsLog
 from tunesmith.models import apply_adapter, load_model, load_tokenizer
 from tunesmith.optimization import build_scheduler, parameter_groups, warmup_steps
 from tunesmith.plugins import PluginManager, create_plugin_manager
 from tunesmith.resume import check_within_schedule
 from tunesmith.runtime import TrainingPlan, plan_training, strategy_options
+from tunesmith.storage import checkpoint_shortage
 from tunesmith.strategy import StepSettings, Strategy
 from tunesmith.trainer import Trainer
 
@@ -66,6 +68,9 @@ def train(
     strategy.setup_environment()
     try:
         return _train(plan, manager.get("trainer", trainer_name), manager, strategy, console)
+    except BaseException:
+        note_failure_time()  # before teardown closes the connections the other processes wait on
+        raise
     finally:
         strategy.teardown()
 
@@ -142,7 +147,17 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
         write_config(config, output_dir / "config.yaml")
 
     def save() -> None:
-        strategy.save_checkpoint(output_dir / f"checkpoint-{loop.step}", state)
+        folder = output_dir / f"checkpoint-{loop.step}"
+        with advice_on_storage_errors(output_dir, config.save_total_limit):
+            shortage = None
+            if strategy.is_global_zero:
+                rotate_checkpoints(output_dir, config.save_total_limit, making_room=True)
+                newest = list_checkpoints(output_dir)[-1:]
+                shortage = checkpoint_shortage(folder, newest[0][1] if newest else None, model, optimizer)
+            shortage = strategy.all_gather_object(shortage)[0]
+            if shortage:
+                raise StorageError(shortage)
+            strategy.save_checkpoint(folder, state)
         if strategy.is_global_zero:
             rotate_checkpoints(output_dir, config.save_total_limit)
 
@@ -217,7 +232,8 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
                 save()
 
     final_dir = output_dir / "final"
-    strategy.save_final(final_dir, model, tokenizer)
+    with advice_on_storage_errors(output_dir, config.save_total_limit):
+        strategy.save_final(final_dir, model, tokenizer)
     say(f"done: {loop.step} steps; result in {final_dir}")
     return RunResult(output_dir, final_dir, loop.step, device.name, plan.precision)
 

@@ -23,3 +23,9 @@ class TrainingError(TunesmithError):
     """Training cannot continue (for example, too many non-finite steps in a row)."""
 
     exit_code = 1
+
+
+class StorageError(TunesmithError):
+    """The disk is full, read-only or failing; what was already written is intact."""
+
+    exit_code = 1
