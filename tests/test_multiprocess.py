@@ -314,37 +314,42 @@ def test_launch_mistakes_are_refused_before_any_process_starts(tiny_model_dir, t
     assert not (tmp_path / "run").exists()
 
 
-BROKEN_RANK = """
-import sys
+# Imported by every process tunesmith's launcher starts (it is first on PYTHONPATH): rank 1 breaks at its second micro-batch.
+BREAK_RANK_ONE = """
 import os
-from tunesmith_trainers.pt import PretrainTrainer
 
-real = PretrainTrainer.compute_loss
-calls = []
+if os.environ.get("RANK") == "1":
+    from tunesmith_trainers.pt import PretrainTrainer
 
-def compute_loss(self, model, batch):
-    calls.append(1)
-    if os.environ["RANK"] == "1" and len(calls) == 2:
-        raise RuntimeError("rank one broke on purpose")
-    return real(self, model, batch)
+    real = PretrainTrainer.compute_loss
+    calls = []
 
-PretrainTrainer.compute_loss = compute_loss
-from tunesmith.cli import main
-main(sys.argv[1:])
+    def compute_loss(self, model, batch):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("rank one broke on purpose")
+        return real(self, model, batch)
+
+    PretrainTrainer.compute_loss = compute_loss
 """
 
 
-def test_a_rank_that_dies_takes_the_job_down_with_its_error(tiny_model_dir, tmp_path):
-    script = tmp_path / "broken_rank.py"
-    script.write_text(BROKEN_RANK)
+def test_the_first_failing_rank_is_the_one_shown_and_every_rank_logs_its_error(tiny_model_dir, tmp_path):
+    (tmp_path / "sitecustomize.py").write_text(BREAK_RANK_ONE)
     data = corpus(tmp_path / "corpus.jsonl", rows=8)
-    args = ["pt", "--model", str(tiny_model_dir), "--dataset", str(data), "--output-dir", str(tmp_path / "run"),
-            "--strategy", "ddp", "--max-steps", "4", "--batch-size", "1", "--save-steps", "0"]
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
-    result = launched(args, launcher)  # the timeout fails the test if rank 0 hangs in its collective
-    assert result.returncode != 0
-    assert "rank one broke on purpose" in result.stderr
-    assert not (tmp_path / "run" / "final").exists()
+    output = tmp_path / "run"
+    args = ["pt", "--model", str(tiny_model_dir), "--dataset", str(data), "--output-dir", str(output), "--strategy", "ddp",
+            "--nproc-per-node", "2", "--max-steps", "4", "--batch-size", "1", "--save-steps", "0"]
+    python_path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    result = launched(args, TUNESMITH, PYTHONPATH=python_path)  # the timeout fails the test if rank 0 hangs in its collective
+    assert result.returncode == 1
+    shown = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert len(shown) == 1, result.stderr
+    assert shown[0].startswith("error: rank 1 failed first: unexpected RuntimeError: rank one broke on purpose."), shown[0]
+    assert f"the full traceback is in {output / 'error-rank1.log'}" in shown[0]
+    assert "rank one broke on purpose" in (output / "error-rank1.log").read_text()
+    assert "Traceback" not in result.stderr
+    assert not (output / "final").exists()
 
 
 def test_a_deepspeed_file_may_not_override_what_tunesmith_options_set(tmp_path):

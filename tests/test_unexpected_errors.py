@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tests.helpers import chat_rows, write_jsonl
+from tests.helpers import chat_rows, run_cli, write_jsonl
 
 BROKEN_TRAINER = """
 import sys
@@ -37,3 +37,19 @@ def test_an_unexpected_exception_in_a_trainer_is_one_paragraph_and_a_log(tiny_mo
     assert "Traceback" not in result.stderr
     log = (output / "error.log").read_text()
     assert "Traceback" in log and "boom inside a trainer" in log and "compute_loss" in log
+
+
+def test_an_unexpected_exception_in_any_other_command_is_logged_under_the_cache(tmp_path, monkeypatch, capsys):
+    import tunesmith.commands.infer as infer
+
+    def broken_loader(*args, **kwargs):
+        raise KeyError("boom inside a loader")
+
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(infer, "load_for_inference", broken_loader)
+    assert run_cli("infer", "--model", tmp_path, "--prompt", "hi") == 1
+    message = capsys.readouterr().err
+    assert message.startswith("error: unexpected KeyError: 'boom inside a loader'. This is a bug"), message
+    (log,) = (tmp_path / "cache" / "logs").glob("error-*.log")
+    assert f"the full traceback is in {log}" in message
+    assert "Traceback" in log.read_text() and "broken_loader" in log.read_text()

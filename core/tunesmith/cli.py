@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 import warnings
 
 import click
@@ -13,6 +15,7 @@ from tunesmith.commands.infer import infer_command
 from tunesmith.commands.plugins import plugins_command
 from tunesmith.commands.verify import verify_command
 from tunesmith.errors import TunesmithError
+from tunesmith.failure import leave_for_launcher, process_rank, unexpected_error_message, write_traceback
 
 BUILTIN_COMMANDS = {
     "plugins": plugins_command,
@@ -70,8 +73,20 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as error:
         error.show()
         sys.exit(error.exit_code)
-    except TunesmithError as error:
-        click.echo(f"error: {error}", err=True)
-        sys.exit(error.exit_code)
     except click.exceptions.Exit as done:
         sys.exit(done.exit_code)
+    except TunesmithError as error:
+        _fail(str(error), error.exit_code)
+    except Exception as error:
+        from tunesmith.models import cache_root
+
+        log = write_traceback(cache_root() / "logs" / f"error-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log")
+        _fail(unexpected_error_message(error, log), 1)
+
+
+def _fail(message: str, exit_code: int) -> None:
+    """Show ``message`` (or leave it for tunesmith's launcher to show) and exit."""
+    if not leave_for_launcher(message, exit_code):
+        rank = process_rank()
+        click.echo(f"error: {message}" if rank is None else f"error (rank {rank}): {message}", err=True)
+    sys.exit(exit_code)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Mapping
 
 from tunesmith.errors import ConfigError, TrainingError
+from tunesmith.failure import FAILURE_FOLDER_VARIABLE, ProcessFailure, first_failure
 
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
 
@@ -76,8 +77,8 @@ def launch_processes(command: str, config, options: LaunchOptions) -> None:
     """Run ``tunesmith COMMAND --config RESOLVED.yaml`` in ``nproc_per_node`` processes on this machine.
 
     Returns when every process has finished; a process that fails stops the others (the
-    elastic agent's behaviour) and this raises :class:`~tunesmith.errors.TrainingError` after
-    the failing process has shown its own error.
+    elastic agent's behaviour) and this raises :class:`~tunesmith.errors.TrainingError` with
+    the message of the process that failed first (:mod:`tunesmith.failure`).
     """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
@@ -101,9 +102,23 @@ def launch_processes(command: str, config, options: LaunchOptions) -> None:
             "--nproc-per-node", str(options.nproc_per_node), *rendezvous, "--max-restarts", "0",
             "-m", "tunesmith", command, "--config", str(resolved),
         ]
+        failures = Path(folder) / "failures"
+        failures.mkdir()
+        os.environ[FAILURE_FOLDER_VARIABLE] = str(failures)
         try:
             run(parse_args(arguments))
         except ChildFailedError as failed:
-            ranks = ", ".join(f"rank {rank} (exit code {failure.exitcode})" for rank, failure in sorted(failed.failures.items()))
-            raise TrainingError(f"{ranks} failed, which stopped the run; the error it printed is above") from None
+            raise _job_failure(failed, first_failure(failures)) from None
+        finally:
+            del os.environ[FAILURE_FOLDER_VARIABLE]
+
+
+def _job_failure(failed, first: ProcessFailure | None) -> TrainingError:
+    """The error of the process that failed first, or what the launcher saw when none could say."""
+    codes = ", ".join(f"rank {rank} (exit code {failure.exitcode})" for rank, failure in sorted(failed.failures.items()))
+    if first is None:
+        return TrainingError(f"{codes} failed without a message (killed by a signal?), which stopped the run")
+    error = TrainingError(f"rank {first.rank} failed first: {first.message} [processes that stopped: {codes}]")
+    error.exit_code = first.exit_code
+    return error
 

@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import traceback
 from pathlib import Path
 
 import click
 
 from tunesmith.config import PluginOption, click_options, resolve_config
 from tunesmith.errors import TrainingError, TunesmithError
-
-
-def write_error_log(output_dir: Path, rank: int) -> Path:
-    """Write the exception being handled, with its traceback, to ``OUTPUT/error.log`` (``error-rankN.log`` beyond rank 0)."""
-    output_dir.mkdir(parents=True, exist_ok=True)
-    log = output_dir / ("error.log" if rank == 0 else f"error-rank{rank}.log")
-    log.write_text(traceback.format_exc(), encoding="utf-8")
-    return log
+from tunesmith.failure import unexpected_error_message, write_traceback
 
 
 def make_train_command(trainer_name: str, description: str = "", plugin_options: dict[str, PluginOption] | None = None) -> click.Command:
@@ -37,11 +29,10 @@ def make_train_command(trainer_name: str, description: str = "", plugin_options:
         except TunesmithError:
             raise
         except Exception as error:
-            log = write_error_log(Path(config.output_dir), plan.environment.rank)
+            rank = plan.environment.rank
+            log = write_traceback(Path(config.output_dir) / ("error.log" if rank == 0 else f"error-rank{rank}.log"))
             raise TrainingError(
-                f"unexpected {type(error).__name__}: {error}. This is a bug in tunesmith or in a plugin, not in your input; "
-                f"the full traceback is in {log} (please attach it to a bug report). Checkpoints already written in "
-                f"{config.output_dir} are intact."
+                f"{unexpected_error_message(error, log)} Checkpoints already written in {config.output_dir} are intact."
             ) from None
 
     help_text = f"Train with the {trainer_name!r} objective: {description}" if description else f"Train with the {trainer_name!r} objective."
