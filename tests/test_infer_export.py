@@ -7,6 +7,7 @@ must generate exactly what the base model with the adapter applied by peft gener
 from __future__ import annotations
 
 import io
+import shutil
 import threading
 
 import pytest
@@ -161,6 +162,13 @@ def test_closing_a_stream_early_stops_its_thread(tiny_model_dir):
     next(stream)
     stream.close()
     assert not [t for t in threading.enumerate() if t.name == "tunesmith-generate"]
+
+
+def test_an_adapter_folder_copied_without_its_run_finds_its_base_in_adapter_config(lora_adapter, tiny_model_dir, tmp_path, capsys):
+    copied = shutil.copytree(lora_adapter, tmp_path / "just-the-adapter")
+    assert not (copied.parent / "config.yaml").exists()
+    assert run_cli("infer", "--adapter", copied, "--prompt", "Hi", "--max-new-tokens", "2") == 0
+    assert f"base model: {tiny_model_dir}" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("command", ["infer", "export"])

@@ -3,6 +3,7 @@ metrics, evaluation, non-finite steps, checkpoints and config handling."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -197,6 +198,8 @@ def test_a_relative_model_path_is_recorded_absolute(tiny_model_dir, data_file, t
     output = tmp_path / "run"
     assert run_cli(*base_args(tiny_model_dir.name, data_file, output, "--max-steps", "1")) == 0
     assert yaml.safe_load((output / "config.yaml").read_text())["model"] == str(tiny_model_dir.resolve())
+    adapter_config = json.loads((output / "final" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == str(tiny_model_dir.resolve())
     monkeypatch.chdir(tmp_path)
     capsys.readouterr()
     assert run_cli("infer", "--adapter", output / "final", "--prompt", "Hi", "--max-new-tokens", "2") == 0

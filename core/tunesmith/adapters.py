@@ -2,10 +2,13 @@
 
 A LoRA/DoRA run writes peft adapter folders at ``OUTPUT/checkpoint-N/`` and ``OUTPUT/final/``
 and its resolved options at ``OUTPUT/config.yaml``, whose ``model`` key names the base model.
+Each adapter folder's ``adapter_config.json`` names it too (``base_model_name_or_path``: the
+built-in alias, or the model folder's path), for an adapter folder copied without its run.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
@@ -41,10 +44,11 @@ def base_model(model: str | None, adapter: Path | None) -> str:
 
 
 def recorded_base_model(adapter: Path) -> str | None:
-    """The ``model`` key of the run's config.yaml next to ``adapter``; None without that file."""
+    """The ``model`` key of the run's config.yaml next to ``adapter``; without that file, the
+    ``base_model_name_or_path`` of its adapter_config.json; None when neither names one."""
     config_path = adapter.parent / RUN_CONFIG
     if not config_path.is_file():
-        return None
+        return _adapter_config_base_model(adapter)
     try:
         config = yaml.safe_load(config_path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
@@ -53,3 +57,13 @@ def recorded_base_model(adapter: Path) -> str | None:
     if not isinstance(model, str) or not model:
         raise ConfigError(f"{config_path}: no 'model' key naming the base model; pass it with --model")
     return model
+
+
+def _adapter_config_base_model(adapter: Path) -> str | None:
+    config_path = adapter / "adapter_config.json"
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except ValueError as error:  # UnicodeDecodeError included
+        raise ConfigError(f"{config_path}: not valid JSON ({error}); pass the base model with --model") from error
+    model = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    return model if isinstance(model, str) and model else None

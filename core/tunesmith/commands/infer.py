@@ -16,7 +16,7 @@ EXIT_COMMAND = "/exit"
 @click.option(
     "--model",
     default=None,
-    show_default=f"{DEFAULT_MODEL}; with --adapter, the model in the run's config.yaml",
+    show_default=f"{DEFAULT_MODEL}; with --adapter, the base recorded in the run's config.yaml, or else in adapter_config.json",
     help="Local Hugging Face model folder (a merged export works too), or the built-in alias smollm2-135m.",
 )
 @click.option("--adapter", default=None, show_default="none", help="peft adapter folder to apply (OUTPUT/final or OUTPUT/checkpoint-N).")
