@@ -72,3 +72,10 @@ def read_metrics(output_dir: Path) -> list[dict]:
 def adapter_weights(folder: Path) -> dict:
     path = folder / "adapter_model.safetensors"
     return load_file(path if path.is_file() else folder / "model.safetensors")
+
+
+def cpu_device():
+    """The cpu device as every command gets it: built from its registration, with its declared capabilities."""
+    from tunesmith.plugins import build_device, create_plugin_manager
+
+    return build_device(create_plugin_manager().get("device", "cpu"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.helpers import cpu_device
 from tunesmith.devices import cpu
 from tunesmith.errors import ConfigError
 
@@ -23,7 +24,7 @@ def cpuinfo(tmp_path, monkeypatch):
 @pytest.mark.parametrize(("flags", "expected"), [("avx512_bf16", "bf16"), ("amx_bf16 amx_tile", "bf16"), ("avx512f", "fp32"), ("", "fp32")])
 def test_auto_precision_follows_the_cpu_flags(cpuinfo, flags, expected):
     cpuinfo(flags)
-    device = cpu.CPUDevice()
+    device = cpu_device()
     assert device.resolve_precision("auto") == expected
     assert device.resolve_precision("fp32") == "fp32"
 
@@ -32,13 +33,13 @@ def test_no_cpuinfo_means_fp32(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu, "CPUINFO_PATH", str(tmp_path / "missing"))
     cpu.cpu_has_native_bf16.cache_clear()
     try:
-        assert cpu.CPUDevice().default_precision() == "fp32"
+        assert cpu_device().default_precision() == "fp32"
     finally:
         cpu.cpu_has_native_bf16.cache_clear()
 
 
 def test_unsupported_precision_names_the_option():
-    device = cpu.CPUDevice()
-    device.name = "cpu"
+    device = cpu_device()
     with pytest.raises(ConfigError, match="--precision fp8"):
         device.resolve_precision("fp8")
+

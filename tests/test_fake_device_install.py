@@ -34,14 +34,14 @@ def cli_env(**overrides: str) -> dict[str, str]:
     return {**os.environ, "TUNESMITH_PLUGINS": DISTRIBUTION, **overrides}
 
 
-def run_cli(args: list[str], **env: str) -> subprocess.CompletedProcess:
+def run_cli(args: list[str], expect_failure: bool = False, **env: str) -> subprocess.CompletedProcess:
     """``tunesmith ARGS`` in a new process of this venv; ``env`` adds environment variables."""
     script = Path(sys.executable).with_name("tunesmith")
     command = [str(script)] if script.exists() else [sys.executable, "-c", "from tunesmith.cli import main; main()"]
     result = subprocess.run(
         command + args, cwd=REPO, env=cli_env(**env), capture_output=True, text=True, timeout=TIMEOUT_S
     )
-    assert result.returncode == 0, f"tunesmith {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    assert (result.returncode != 0) == expect_failure, f"tunesmith {' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
     return result
 
 
@@ -98,6 +98,26 @@ def check_two_processes(workdir: Path, model_dir: Path) -> None:
     assert {"device_count", "setup:0", "setup:1"} <= set(calls), calls
     assert calls.count("process_group") == 2, calls  # one per process, made by the fake's backend
     assert [line["step"] for line in read_metrics(output_dir)] == [1, 2]  # written once, by rank 0
+
+
+def check_infer_and_export(workdir: Path, model_dir: Path) -> None:
+    """Every command runs on the selected device, and refuses what the device cannot do before loading anything."""
+    adapter = workdir / "run" / "final"  # trained by check_sft
+    log = workdir / "infer-calls.log"
+    reply = run_cli(["infer", "--adapter", str(adapter), "--prompt", "hi", "--max-new-tokens", "2"], TUNESMITH_FAKE_DEVICE_LOG=str(log))
+    assert "device: fake " in reply.stderr and "precision: fp32" in reply.stderr, reply.stderr
+    assert "setup:0" in log.read_text().split()
+    merged = run_cli(["export", "--adapter", str(adapter), "--output", str(workdir / "merged")])
+    assert "device: fake " in merged.stderr and (workdir / "merged" / "model.safetensors").is_file(), merged.stderr
+
+    log = workdir / "refused-calls.log"
+    refused = run_cli(["infer", "--model", str(workdir / "no-such-model"), "--precision", "fp16", "--prompt", "hi"],
+                      expect_failure=True, TUNESMITH_FAKE_DEVICE_LOG=str(log))
+    assert "error: --precision fp16: device 'fake' cannot compute in fp16; it supports fp32, bf16" in refused.stderr, refused.stderr
+    assert "setup:0" not in log.read_text().split()
+    refused = run_cli(["sft", "--model", str(workdir / "no-such-model"), "--dataset", str(workdir / "train.jsonl"),
+                       "--output-dir", str(workdir / "refused"), "--precision", "fp16"], expect_failure=True)
+    assert "error: --precision fp16: device 'fake' cannot compute in fp16" in refused.stderr, refused.stderr
 
 
 #: each check(expected_device, workdir, model_dir) runs before install, while installed and after uninstall
@@ -172,6 +192,7 @@ def test_installing_and_uninstalling_the_fake_device_changes_auto_selection(tmp_
         assert device_row("fake", "10", "no", output=unavailable), unavailable
 
         check_two_processes(tmp_path / "two-processes", tiny_model_dir)
+        check_infer_and_export(tmp_path / "installed", tiny_model_dir)
 
         conformance = run_fake_device_tests()
         assert "not installed" not in conformance, conformance

@@ -19,6 +19,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tests.helpers import run_cli
 from tunesmith.generation import GenerationOptions, generate_ids, generate_reply, stream_reply
 from tunesmith.models import load_for_inference
+from tunesmith.plugins import create_plugin_manager
+from tunesmith.runtime import select_runtime
 
 PROMPTS = ["Hello!", "What is the capital of France?", "Write a haiku about rain."]
 
@@ -116,7 +118,7 @@ def test_infer_prompt_prints_the_reply(lora_adapter, tiny_model_dir, capsys):
 
 def test_infer_accepts_a_full_model_folder(tiny_model_dir, capsys):
     assert run_cli("infer", "--model", tiny_model_dir, "--prompt", "Hello!", "--max-new-tokens", "5") == 0
-    model, tokenizer = load_for_inference(str(tiny_model_dir))
+    model, tokenizer = load_for_inference(str(tiny_model_dir), cpu_runtime())
     expected = generate_reply(model, tokenizer, [{"role": "user", "content": "Hello!"}], GenerationOptions(max_new_tokens=5))
     assert capsys.readouterr().out == expected + "\n"
 
@@ -126,7 +128,7 @@ def test_interactive_chat_keeps_history_and_clears(tiny_model_dir, monkeypatch, 
     assert run_cli("infer", "--model", tiny_model_dir, "--max-new-tokens", "6") == 0
     out = capsys.readouterr().out
 
-    model, tokenizer = load_for_inference(str(tiny_model_dir))
+    model, tokenizer = load_for_inference(str(tiny_model_dir), cpu_runtime())
     options = GenerationOptions(max_new_tokens=6)
     first = generate_reply(model, tokenizer, [{"role": "user", "content": "Hello!"}], options)
     history = [
@@ -146,7 +148,7 @@ def test_exit_command_stops_the_chat(tiny_model_dir, monkeypatch, capsys):
 
 
 def test_seeded_sampling_is_reproducible_and_streams_the_same_text(tiny_model_dir):
-    model, tokenizer = load_for_inference(str(tiny_model_dir))
+    model, tokenizer = load_for_inference(str(tiny_model_dir), cpu_runtime())
     messages = [{"role": "user", "content": "Tell me a story."}]
     seeded = GenerationOptions(max_new_tokens=16, temperature=1.0, top_p=0.9, top_k=100, seed=7)
     first = generate_ids(model, tokenizer, messages, seeded)
@@ -157,7 +159,7 @@ def test_seeded_sampling_is_reproducible_and_streams_the_same_text(tiny_model_di
 
 
 def test_closing_a_stream_early_stops_its_thread(tiny_model_dir):
-    model, tokenizer = load_for_inference(str(tiny_model_dir))
+    model, tokenizer = load_for_inference(str(tiny_model_dir), cpu_runtime())
     stream = stream_reply(model, tokenizer, [{"role": "user", "content": "Hi"}], GenerationOptions(max_new_tokens=500))
     next(stream)
     stream.close()
@@ -205,8 +207,12 @@ def test_bad_generation_options_name_the_option(tiny_model_dir, capsys):
 
 @pytest.mark.slow
 def test_default_model_answers_and_stops_at_end_of_turn(default_model_dir):
-    model, tokenizer = load_for_inference("smollm2-135m")
+    model, tokenizer = load_for_inference("smollm2-135m", cpu_runtime())
     options = GenerationOptions(max_new_tokens=64)
     reply_ids = generate_ids(model, tokenizer, [{"role": "user", "content": "What is the capital of France?"}], options)
     assert reply_ids[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert "Paris" in tokenizer.decode(reply_ids, skip_special_tokens=True)
+
+
+def cpu_runtime():
+    return select_runtime(create_plugin_manager(), "cpu", "fp32")

@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.multiprocessing
 
-from tests.helpers import TrainerPlugin, adapter_weights, read_metrics, run_cli, write_jsonl
+from tests.helpers import TrainerPlugin, adapter_weights, cpu_device, read_metrics, run_cli, write_jsonl
 from tunesmith.config import TrainConfig
 from tunesmith.engine import train
 from tunesmith.plugins import create_plugin_manager
@@ -353,7 +353,6 @@ def test_the_first_failing_rank_is_the_one_shown_and_every_rank_logs_its_error(t
 
 
 def test_a_deepspeed_file_may_not_override_what_tunesmith_options_set(tmp_path):
-    from tunesmith.devices.cpu import CPUDevice
     from tunesmith.errors import ConfigError
     from tunesmith.launch import ProcessEnvironment
     from tunesmith.strategies.deepspeed import DeepSpeedStrategy
@@ -362,7 +361,7 @@ def test_a_deepspeed_file_may_not_override_what_tunesmith_options_set(tmp_path):
     settings = StepSettings(micro_batch_size=2, grad_accum=4, max_grad_norm=0.5)
     user_file = tmp_path / "ds.json"
     user_file.write_text(json.dumps({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}, "gradient_clipping": 1.0}))
-    strategy = DeepSpeedStrategy(CPUDevice(), "bf16", ProcessEnvironment(), {"deepspeed": str(user_file)})
+    strategy = DeepSpeedStrategy(cpu_device(), "bf16", ProcessEnvironment(), {"deepspeed": str(user_file)})
     with pytest.raises(ConfigError, match="gradient_clipping is 1.0 there, but tunesmith sets it from --max-grad-norm"):
         strategy.engine_config(settings)
 
@@ -373,7 +372,7 @@ def test_a_deepspeed_file_may_not_override_what_tunesmith_options_set(tmp_path):
     assert config["bf16"] == {"enabled": True} and config["fp16"] == {"enabled": False} and "train_batch_size" not in config
     assert config["managed_gradient_accumulation"] is False
 
-    built = DeepSpeedStrategy(CPUDevice(), "fp32", ProcessEnvironment(), {"zero_stage": 1, "offload_optimizer": True}).engine_config(settings)
+    built = DeepSpeedStrategy(cpu_device(), "fp32", ProcessEnvironment(), {"zero_stage": 1, "offload_optimizer": True}).engine_config(settings)
     assert built["zero_optimization"] == {"stage": 1, "offload_optimizer": {"device": "cpu"}}
 
 
@@ -384,13 +383,11 @@ def test_a_distributed_strategy_on_a_device_without_collectives_is_refused(tiny_
     from tunesmith.errors import ConfigError
     from tunesmith.runtime import plan_training
 
-    class LonelyDevice(CPUDevice):
-        distributed_backend = None
-
     class LonelyPlugin:
         @hookimpl
         def tunesmith_register_devices(self):
-            return [DeviceSpec(name="lonely", device=LonelyDevice, probe=lambda: True, priority=50)]
+            # declares no collective backend: one process only
+            return [DeviceSpec(name="lonely", device=CPUDevice, probe=lambda: True, priority=50)]
 
     manager = create_plugin_manager()
     manager.register(LonelyPlugin(), "lonely")
@@ -494,12 +491,11 @@ def test_under_zero3_the_model_is_created_partitioned(tiny_model_dir, tmp_path):
 
 
 def use_collectives(rank: int, world_size: int, port: int, log: str) -> None:
-    from tunesmith.devices.cpu import CPUDevice
     from tunesmith.launch import ProcessEnvironment
     from tunesmith.strategies.ddp import DDPStrategy
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    strategy = DDPStrategy(CPUDevice(), "fp32", ProcessEnvironment(rank, world_size, rank, world_size, launched=True))
+    strategy = DDPStrategy(cpu_device(), "fp32", ProcessEnvironment(rank, world_size, rank, world_size, launched=True))
     strategy.setup_environment()
     try:
         mine = torch.tensor([rank + 1.0, 10.0 * (rank + 1)])

@@ -40,15 +40,15 @@ def test_an_unexpected_exception_in_a_trainer_is_one_paragraph_and_a_log(tiny_mo
 
 
 def test_an_unexpected_exception_in_any_other_command_is_logged_under_the_cache(tmp_path, monkeypatch, capsys):
-    import tunesmith.commands.infer as infer
+    import tunesmith.models as models
 
     def broken_loader(*args, **kwargs):
         raise KeyError("boom inside a loader")
 
     monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(infer, "load_for_inference", broken_loader)
+    monkeypatch.setattr(models, "load_for_inference", broken_loader)
     assert run_cli("infer", "--model", tmp_path, "--prompt", "hi") == 1
-    message = capsys.readouterr().err
+    message = capsys.readouterr().err.splitlines()[-1]
     assert message.startswith("error: unexpected KeyError: 'boom inside a loader'. This is a bug"), message
     (log,) = (tmp_path / "cache" / "logs").glob("error-*.log")
     assert f"the full traceback is in {log}" in message

@@ -12,7 +12,16 @@ from typing import TYPE_CHECKING, Any
 
 from tunesmith.errors import ConfigError, DataError, PluginError, TrainingError, TunesmithError
 from tunesmith.hooks import hookimpl, hookspec
-from tunesmith.records import DeviceSpec, OptimizerSpec, OptionSpec, RewardSpec, StrategySpec, TrainerSpec
+from tunesmith.records import (
+    DeviceCapabilities,
+    DeviceSpec,
+    OptimizerSpec,
+    OptionSpec,
+    RewardSpec,
+    StrategySpec,
+    TrainerSpec,
+    Unavailable,
+)
 
 #: public names defined in modules that import torch, by the module that defines them
 _LAZY = {
@@ -58,6 +67,7 @@ __all__ = [
     "ConfigError",
     "DataError",
     "Device",
+    "DeviceCapabilities",
     "DeviceSpec",
     "Example",
     "IGNORE_INDEX",
@@ -74,6 +84,7 @@ __all__ = [
     "TrainerSpec",
     "TrainingError",
     "TunesmithError",
+    "Unavailable",
     "causal_lm_loss",
     "collate_causal",
     "create_plugin_manager",

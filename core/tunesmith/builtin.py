@@ -2,9 +2,12 @@
 
 import click
 
-from tunesmith.devices.cpu import CPU_PRIORITY, cpu_is_available
 from tunesmith.hooks import hookimpl
-from tunesmith.records import DeviceSpec, OptionSpec, StrategySpec
+from tunesmith.records import DeviceCapabilities, DeviceSpec, OptionSpec, StrategySpec
+
+
+def cpu_is_available() -> bool:
+    return True
 
 
 @hookimpl
@@ -14,8 +17,11 @@ def tunesmith_register_devices():
             name="cpu",
             device="tunesmith.devices.cpu:CPUDevice",
             probe=cpu_is_available,
-            priority=CPU_PRIORITY,
+            priority=0,
             description="CPU, bf16 autocast where the CPU computes bf16 natively",
+            capabilities=DeviceCapabilities(
+                precisions=("fp32", "bf16", "fp16"), grad_scaler=True, distributed_backend="gloo", memory_stats=True
+            ),
         )
     ]
 

@@ -9,6 +9,7 @@ import warnings
 
 import click
 
+from tunesmith.commands.devices import devices_command
 from tunesmith.commands.env import env_command
 from tunesmith.commands.export import export_command
 from tunesmith.commands.infer import infer_command
@@ -20,6 +21,7 @@ from tunesmith.failure import leave_for_launcher, process_rank, unexpected_error
 BUILTIN_COMMANDS = {
     "plugins": plugins_command,
     "env": env_command,
+    "devices": devices_command,
     "infer": infer_command,
     "export": export_command,
     "verify": verify_command,

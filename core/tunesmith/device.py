@@ -2,7 +2,9 @@
 
 Shaped like Lightning Fabric's accelerators. A device class is instantiated once per process
 after selection; availability is answered beforehand by the cheap probe in its
-:class:`tunesmith.records.DeviceSpec`, never by this class.
+:class:`tunesmith.records.DeviceSpec`, never by this class, and what the hardware can do is
+declared there too (:class:`tunesmith.records.DeviceCapabilities`), so that it can be read,
+checked and printed without importing the device.
 """
 
 from __future__ import annotations
@@ -14,17 +16,23 @@ from typing import Any
 
 import torch
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+from tunesmith.records import DeviceCapabilities
+
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class Device(ABC):
     #: registered name (``cpu``, ``cuda``, ``fake`` ...), set by :func:`tunesmith.plugins.build_device`
     name: str = ""
+    #: what the plugin declared in its :class:`~tunesmith.records.DeviceSpec`, set by ``build_device``
+    capabilities: DeviceCapabilities = DeviceCapabilities()
     #: torch device type (``"cpu"``, ``"cuda"``, ``"npu"``, ``"mps"``)
     type: str = "cpu"
-    #: torch.distributed backend for this hardware (``gloo``, ``nccl``, ``hccl``)
-    distributed_backend: str = "gloo"
+
+    @property
+    def distributed_backend(self) -> str | None:
+        """torch.distributed backend for this hardware (``gloo``, ``nccl``, ``hccl``), or None for one process only."""
+        return self.capabilities.distributed_backend
 
     @staticmethod
     @abstractmethod
@@ -46,22 +54,35 @@ class Device(ABC):
         """Return cached, unused memory to the system."""
 
     def supported_precisions(self) -> tuple[str, ...]:
-        """Precisions ``--precision`` may choose on this device."""
-        return ("fp32",)
+        """Precisions ``--precision`` may choose on this device here: the declared ones, narrowed where the hardware lacks one."""
+        return self.capabilities.precisions
 
     def default_precision(self) -> str:
         """What ``--precision auto`` resolves to: the fastest precision the hardware computes natively."""
         return "fp32"
 
-    def resolve_precision(self, requested: str) -> str:
+    def resolve_precision(self, requested: str, training: bool = False) -> str:
+        """The precision ``--precision requested`` means here; refused with what would work when the device cannot."""
         from tunesmith.errors import ConfigError
 
         precision = self.default_precision() if requested == "auto" else requested
-        if precision not in self.supported_precisions():
+        supported = self.supported_precisions()
+        if precision not in supported:
+            declared = "" if precision not in self.capabilities.precisions else " (not on this model of it)"
             raise ConfigError(
-                f"--precision {requested}: device {self.name!r} supports {', '.join(self.supported_precisions())} (or auto)"
+                f"--precision {requested}: device {self.name!r} cannot compute in {precision}{declared}; "
+                f"it supports {', '.join(supported)}, or auto ({self.default_precision()})"
+            )
+        if training and precision == "fp16" and not self.capabilities.grad_scaler:
+            raise ConfigError(
+                f"--precision fp16: training in fp16 needs loss scaling, which device {self.name!r} does not offer; "
+                f"use {' or '.join(p for p in supported if p != 'fp16')}"
             )
         return precision
+
+    def grad_scaler(self, precision: str) -> torch.amp.GradScaler:
+        """The loss scaler for training in ``precision``: active for fp16, a pass-through otherwise."""
+        return torch.amp.GradScaler(self.type, enabled=precision == "fp16")
 
     def autocast(self, precision: str):
         """A context manager running the forward pass in ``precision`` (mixed precision)."""

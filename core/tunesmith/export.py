@@ -16,10 +16,11 @@ from tunesmith.atomic import write_atomically
 from tunesmith.data.tokenize import ensure_chat_template
 from tunesmith.errors import ConfigError
 from tunesmith.models import load_model, load_tokenizer, resolve_model
+from tunesmith.runtime import Runtime
 
 
-def export_merged(model: str, adapter: Path, output: Path, force: bool = False, trust_remote_code: bool = False) -> Path:
-    """Merge ``adapter`` into ``model`` and save weights, config and tokenizer in ``output``."""
+def export_merged(model: str, adapter: Path, output: Path, runtime: Runtime, force: bool = False, trust_remote_code: bool = False) -> Path:
+    """Merge ``adapter`` into ``model`` on the runtime's device and save weights, config and tokenizer in ``output``."""
     _check_output(output, force)
     model_path = resolve_model(model)
     tokenizer = load_tokenizer(model_path, trust_remote_code)
@@ -27,7 +28,7 @@ def export_merged(model: str, adapter: Path, output: Path, force: bool = False, 
     ensure_chat_template(tokenizer)
     # Merging happens in float32 so adding the low-rank update does not round twice; the
     # result is then stored in the base's own dtype so a bf16 model does not double in size.
-    base = load_model(model_path, trust_remote_code)
+    base = load_model(model_path, trust_remote_code).to(runtime.device.setup(0))
     from peft import PeftModel
 
     merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()

@@ -14,11 +14,15 @@ import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from tunesmith.atomic import write_atomically
 from tunesmith.errors import ConfigError
+
+if TYPE_CHECKING:  # torch loads only when a model does: `tunesmith --help` stays fast
+    import torch
+
+    from tunesmith.runtime import Runtime
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -82,6 +86,7 @@ def _cached_alias(name: str, alias: GGUFAlias) -> Path:
 
 
 def _dequantize_to_safetensors(gguf_dir: Path, filename: str, target: Path) -> None:
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=filename)
@@ -111,14 +116,16 @@ def load_tokenizer(model_path: Path, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_model(model_path: Path, trust_remote_code: bool = False, dtype: torch.dtype = torch.float32, empty: bool = False):
+def load_model(model_path: Path, trust_remote_code: bool = False, dtype: torch.dtype | None = None, empty: bool = False):
     """The model in ``model_path``; ``empty`` builds it on the meta device from its config alone, reading no weights.
 
     Its ``name_or_path``, which peft records as an adapter's ``base_model_name_or_path``, is
     :func:`known_as` ``model_path``.
     """
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    dtype = dtype or torch.float32
     try:
         if empty:
             config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
@@ -165,17 +172,21 @@ def apply_adapter(
         raise ConfigError(f"--target-modules {target_modules}: {error}") from error
 
 
-def load_for_inference(model: str, adapter_path: Path | None = None, trust_remote_code: bool = False):
+def load_for_inference(model: str, runtime: Runtime, adapter_path: Path | None = None, trust_remote_code: bool = False):
     """Model (with an optional peft adapter folder applied) and tokenizer, ready for generation.
 
+    The weights are loaded in the runtime's precision and placed on its device.
     ``adapter_path`` is expected to be checked already (:func:`tunesmith.adapters.adapter_folder`).
     """
+    from tunesmith.device import PRECISION_DTYPES
+
     model_path = resolve_model(model)
     tokenizer = load_tokenizer(model_path, trust_remote_code)
-    loaded = load_model(model_path, trust_remote_code)
+    loaded = load_model(model_path, trust_remote_code, dtype=PRECISION_DTYPES[runtime.precision])
     if adapter_path is not None:
         from peft import PeftModel
 
         loaded = PeftModel.from_pretrained(loaded, adapter_path)
+    loaded.to(runtime.device.setup(0))
     loaded.eval()
     return loaded, tokenizer

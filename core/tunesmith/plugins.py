@@ -232,10 +232,12 @@ class PluginManager:
         candidates = []
         for registered in self.collect("device").values():
             try:
-                available, error = bool(registered.spec.probe()), None
-            except Exception as probe_error:
-                available, error = False, repr(probe_error)
-            candidates.append(DeviceCandidate(registered, available, error))
+                answer = registered.spec.probe()
+                available = bool(answer)
+                reason = None if available else getattr(answer, "reason", "its probe found no usable device")
+            except Exception as error:
+                available, reason = False, f"its probe failed: {error!r}"
+            candidates.append(DeviceCandidate(registered, available, reason))
         return sorted(candidates, key=lambda c: (-c.priority, c.name))
 
     def select_device(self, requested: str = "auto", candidates: list[DeviceCandidate] | None = None) -> DeviceChoice:
@@ -251,9 +253,10 @@ class PluginManager:
 
 
 def build_device(registered: Registered):
-    """Instantiate a registered device class, named as it was registered."""
+    """Instantiate a registered device class, with the name and capabilities it was registered with."""
     device = registered.load()()
     device.name = registered.spec.name
+    device.capabilities = registered.spec.capabilities
     return device
 
 

@@ -65,19 +65,65 @@ class OptionSpec:
         return isinstance(self.default, bool)
 
 
+#: the precisions ``--precision`` can name, fastest last
+PRECISION_NAMES = ("fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class Unavailable:
+    """A device probe's answer when the hardware cannot be used here, with a reason a user can act on.
+
+    It is false, so a probe may return ``True`` or ``Unavailable("torch_npu is not installed")``.
+    """
+
+    reason: str
+
+    def __bool__(self) -> bool:
+        return False
+
+
+@dataclass(frozen=True)
+class DeviceCapabilities:
+    """What a hardware family can do, declared by its plugin and read without importing it.
+
+    - ``precisions``: what ``--precision`` may name on it (the device may offer fewer at run
+      time, as CUDA offers bf16 only from compute capability 8.0).
+    - ``grad_scaler``: fp16 training with loss scaling works (``torch.amp.GradScaler``).
+    - ``distributed_backend``: its torch.distributed backend; ``None`` means one process only.
+    - ``strategies``: the strategies it can run; ``None`` means every one its backend allows.
+    - ``quantization``: quantised-weight adapters it can train (``"qlora"``).
+    - ``memory_stats``: it reports allocated and peak memory.
+    """
+
+    precisions: tuple[str, ...] = ("fp32",)
+    grad_scaler: bool = False
+    distributed_backend: str | None = None
+    strategies: tuple[str, ...] | None = None
+    quantization: tuple[str, ...] = ()
+    memory_stats: bool = False
+
+    def __post_init__(self):
+        unknown = [name for name in self.precisions if name not in PRECISION_NAMES]
+        if unknown or "fp32" not in self.precisions:
+            raise PluginError(f"device precisions {self.precisions!r}: expected fp32 and any of {', '.join(PRECISION_NAMES[1:])}")
+
+
 @dataclass(frozen=True)
 class DeviceSpec:
     """A hardware family: ``device`` is a :class:`tunesmith.device.Device` subclass or its path.
 
-    ``probe`` answers cheaply whether the hardware is usable here; ``priority`` orders
-    ``--device auto`` (cpu is 0; accelerators above it).
+    ``probe`` answers cheaply, without initialising the hardware, whether it is usable here:
+    ``True``, or an :class:`Unavailable` with the reason. ``priority`` orders ``--device auto``
+    (cpu 0, the fake test device 10, mps 50, cuda and npu 100). ``capabilities`` say what the
+    hardware can do, so that an option it cannot honour is refused before any model loads.
     """
 
     name: str
     device: Any
-    probe: Callable[[], bool]
+    probe: Callable[[], Any]
     priority: int = 0
     description: str = ""
+    capabilities: DeviceCapabilities = field(default_factory=DeviceCapabilities)
 
     def __post_init__(self):
         validate_name("device", self.name)
@@ -180,7 +226,8 @@ class DeviceCandidate:
 
     registered: Registered
     available: bool
-    probe_error: str | None = None
+    #: why it is unavailable: the probe's :class:`Unavailable` reason, or the error the probe raised
+    reason: str | None = None
 
     @property
     def name(self) -> str:

@@ -1,7 +1,8 @@
-"""What a training run decides before it touches data or weights, in every process alike.
+"""What a command decides before it touches data or weights, in every process alike.
 
-:func:`plan_training` selects the device and precision, the strategy and the process count,
-resolves the model folder and the checkpoint to resume, and refuses what cannot work: a
+:func:`select_runtime` picks the device and precision for every command. :func:`plan_training`
+adds, for a training run, the strategy and the process count, resolves the model folder and
+the checkpoint to resume, and refuses what cannot work: a strategy the device cannot run, a
 multi-process job under a single-process strategy, a distributed strategy on a device without
 a collective backend, a checkpoint from another run. The ``tunesmith`` command plans once
 before it starts any process, so those mistakes cost seconds; every process then plans again
@@ -54,13 +55,36 @@ class TrainingPlan:
         return self.identity["global_batch"]
 
 
+@dataclass(frozen=True)
+class Runtime:
+    """The device and precision a command runs with, and why that device."""
+
+    device: Device
+    device_reason: str
+    precision: str
+
+    def describe(self) -> str:
+        return f"device: {self.device.describe()}, {self.device_reason}; precision: {self.precision}"
+
+
+def select_runtime(manager: PluginManager, device: str = "auto", precision: str = "auto", training: bool = False) -> Runtime:
+    """The device ``--device`` names (or the best available) and the precision ``--precision`` means on it.
+
+    Every command builds its runtime here, so an option the device cannot honour is refused
+    the same way everywhere, before any model loads.
+    """
+    choice = manager.select_device(device)
+    built = build_device(choice.candidate.registered)
+    return Runtime(built, choice.reason, built.resolve_precision(precision, training=training))
+
+
 def plan_training(trainer_name: str, config: TrainConfig, manager: PluginManager, environment: ProcessEnvironment | None = None) -> TrainingPlan:
     environment = environment or ProcessEnvironment.from_environ()
     manager.get("trainer", trainer_name)
-    choice = manager.select_device(config.device)
-    device = build_device(choice.candidate.registered)
-    precision = device.resolve_precision(config.precision)
+    runtime = select_runtime(manager, config.device, config.precision, training=True)
+    device, precision = runtime.device, runtime.precision
     strategy = manager.get("strategy", config.strategy)
+    check_device_runs(device, config.strategy, strategy)
 
     nproc_per_node = process_count(config.nproc_per_node, device, environment)
     world_size = environment.world_size if environment.launched else nproc_per_node * config.nnodes
@@ -69,11 +93,6 @@ def plan_training(trainer_name: str, config: TrainConfig, manager: PluginManager
         raise ConfigError(
             f"--strategy {config.strategy} runs one process, but this job has {world_size}; "
             f"choose a multi-process strategy: {', '.join(fitting) or 'none is installed'}"
-        )
-    if strategy.spec.distributed and not device.distributed_backend:
-        raise ConfigError(
-            f"--strategy {config.strategy} needs collectives between processes, and device {device.name!r} has no "
-            "collective backend; use --strategy single"
         )
 
     strategy_class = strategy.load()
@@ -88,9 +107,21 @@ def plan_training(trainer_name: str, config: TrainConfig, manager: PluginManager
         check_identity(resume_from, identity, config.strategy, strategy_class.reshards_checkpoints(options))
     launch = LaunchOptions(nproc_per_node, config.nnodes, config.node_rank, config.master_addr, config.master_port)
     return TrainingPlan(
-        trainer_name, config, device, choice.reason, precision, strategy, environment, launch, world_size,
+        trainer_name, config, device, runtime.device_reason, precision, strategy, environment, launch, world_size,
         resolve_model(config.model), resume_from, identity,
     )
+
+
+def check_device_runs(device: Device, name: str, strategy: Registered) -> None:
+    """Refuse a strategy the device cannot run, saying why and what it can run."""
+    allowed = device.capabilities.strategies
+    if allowed is not None and name not in allowed:
+        raise ConfigError(f"--strategy {name}: device {device.name!r} runs only {', '.join(allowed)}")
+    if strategy.spec.distributed and not device.distributed_backend:
+        raise ConfigError(
+            f"--strategy {name} needs collectives between processes, and device {device.name!r} has no "
+            "collective backend (it runs one process); use --strategy single"
+        )
 
 
 def process_count(requested: str, device: Device, environment: ProcessEnvironment) -> int:

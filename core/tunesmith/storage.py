@@ -15,8 +15,6 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
-
 #: what each ``OSError`` a full, failing or locked volume raises means to a user
 WRITE_FAILURES = {
     errno.ENOSPC: "no space is left on the device",
@@ -72,15 +70,17 @@ def folder_bytes(folder: Path) -> int:
     return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
 
 
-def state_bytes(model: torch.nn.Module, optimizer) -> int:
+def state_bytes(model, optimizer) -> int:
     """What the trainable weights and the optimizer state take when saved (whole, over all processes)."""
+    import torch
+
     total = sum(_whole_bytes(parameter) for parameter in model.parameters() if parameter.requires_grad)
     for values in getattr(optimizer, "state", {}).values():
         total += sum(_whole_bytes(value) for value in values.values() if isinstance(value, torch.Tensor))
     return total
 
 
-def _whole_bytes(tensor: torch.Tensor) -> int:
+def _whole_bytes(tensor) -> int:
     # A DTensor's numel is the whole tensor's; a ZeRO-3 partition keeps the whole count in ds_numel.
     return getattr(tensor, "ds_numel", tensor.numel()) * tensor.element_size()
 

@@ -81,7 +81,7 @@ class Strategy(ABC):
         #: values of the options declared on this strategy's :class:`~tunesmith.records.StrategySpec`
         self.options = dict(options or {})
         self.root_device: torch.device | None = None
-        self.scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+        self.scaler = device.grad_scaler(precision)
 
     @classmethod
     def check_runnable(cls, device: Device, precision: str, options: Mapping[str, Any]) -> None:

@@ -40,7 +40,7 @@ def env_command():
     table.add_column("details", overflow="fold")
     candidates = manager.device_candidates()
     for candidate in candidates:
-        details = candidate.probe_error or candidate.registered.spec.description
+        details = candidate.reason or candidate.registered.spec.description
         table.add_row(
             candidate.name,
             str(candidate.priority),

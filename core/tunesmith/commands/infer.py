@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import click
 
+from tunesmith import models
 from tunesmith.adapters import adapter_folder, base_model
-from tunesmith.generation import GenerationOptions, generate_reply, stream_reply
-from tunesmith.models import DEFAULT_MODEL, load_for_inference
+from tunesmith.models import DEFAULT_MODEL
+from tunesmith.records import PRECISION_NAMES
 
 CLEAR_COMMAND = "/clear"
 EXIT_COMMAND = "/exit"
@@ -29,11 +30,23 @@ EXIT_COMMAND = "/exit"
 @click.option("--repetition-penalty", default=1.0, type=click.FloatRange(min=0.0, min_open=True), help="Penalty on repeated tokens; 1.0 is off.")
 @click.option("--seed", default=None, type=int, show_default="unseeded", help="Seed for sampling, so a reply can be reproduced.")
 @click.option("--trust-remote-code/--no-trust-remote-code", default=False, show_default=True, help="Allow the model folder's own Python code to run.")
-def infer_command(model, adapter, prompt, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, trust_remote_code):
+@click.option("--device", default="auto", help="Device to run on: a registered device name (tunesmith env lists them), or auto.")
+@click.option(
+    "--precision", default="auto", type=click.Choice(["auto", *PRECISION_NAMES]),
+    help="Weights and compute in this precision; auto picks the device's fastest native one.",
+)
+def infer_command(
+    model, adapter, prompt, system, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, trust_remote_code, device, precision
+):
     """Generate replies: one reply to --prompt, or an interactive chat on stdin.
 
     In the chat, /clear starts a new conversation and /exit or end of input (Ctrl-D) quits.
     """
+    from tunesmith.generation import GenerationOptions, generate_reply
+    from tunesmith.plugins import create_plugin_manager
+    from tunesmith.runtime import select_runtime
+
+    runtime = select_runtime(create_plugin_manager(), device, precision)
     options = GenerationOptions(
         max_new_tokens=max_new_tokens,
         temperature=temperature,
@@ -46,7 +59,8 @@ def infer_command(model, adapter, prompt, system, max_new_tokens, temperature, t
     model_name = base_model(model, adapter_path)
     if model is None and adapter_path is not None:
         click.echo(f"base model: {model_name}", err=True)
-    loaded, tokenizer = load_for_inference(model_name, adapter_path, trust_remote_code)
+    click.echo(runtime.describe(), err=True)
+    loaded, tokenizer = models.load_for_inference(model_name, runtime, adapter_path, trust_remote_code)
 
     opening = [{"role": "system", "content": system}] if system is not None else []
     if prompt is not None:
@@ -55,7 +69,9 @@ def infer_command(model, adapter, prompt, system, max_new_tokens, temperature, t
     _chat(loaded, tokenizer, opening, options)
 
 
-def _chat(model, tokenizer, opening: list[dict[str, str]], options: GenerationOptions) -> None:
+def _chat(model, tokenizer, opening: list[dict[str, str]], options) -> None:
+    from tunesmith.generation import stream_reply
+
     click.echo(f"{CLEAR_COMMAND} starts a new conversation; {EXIT_COMMAND} or Ctrl-D quits.", err=True)
     messages = list(opening)
     while True:

@@ -11,7 +11,6 @@ import torch
 
 from tunesmith.device import Device
 
-CPU_PRIORITY = 0
 CPUINFO_PATH = "/proc/cpuinfo"
 NATIVE_BF16_FLAGS = {"amx_bf16", "avx512_bf16"}
 
@@ -27,13 +26,8 @@ def cpu_has_native_bf16() -> bool:
     return bool(NATIVE_BF16_FLAGS & flags)
 
 
-def cpu_is_available() -> bool:
-    return True
-
-
 class CPUDevice(Device):
     type = "cpu"
-    distributed_backend = "gloo"
 
     @staticmethod
     def device_count() -> int:
@@ -54,8 +48,5 @@ class CPUDevice(Device):
         # ru_maxrss lags the live resident size by a few pages; peak can never be below it.
         return {"allocated": allocated, "peak": max(peak, allocated)}
 
-    def supported_precisions(self) -> tuple[str, ...]:
-        return ("fp32", "bf16", "fp16")
-
     def default_precision(self) -> str:
-        return "bf16" if cpu_has_native_bf16() else "fp32"
+        return "bf16" if cpu_has_native_bf16() and "bf16" in self.supported_precisions() else "fp32"

@@ -38,10 +38,10 @@ import time
 import pytest
 import torch
 
-from tunesmith.device import PRECISION_DTYPES, PRECISIONS, Device
+from tunesmith.device import PRECISION_DTYPES, Device
 from tunesmith.errors import ConfigError, PluginError
 from tunesmith.plugins import ALLOW_LIST_VARIABLE, PluginManager, build_device, create_plugin_manager
-from tunesmith.records import NAME_PATTERN, Registered
+from tunesmith.records import NAME_PATTERN, PRECISION_NAMES, DeviceCapabilities, Registered, Unavailable
 
 #: a probe runs on every ``tunesmith`` invocation, so it must not initialise the hardware
 PROBE_TIME_LIMIT_S = 2.0
@@ -116,13 +116,23 @@ class DeviceConformance:
             pytest.skip(f"the device module needs what is not installed here: {error}")
         assert isinstance(device_class, type) and issubclass(device_class, Device)
         assert isinstance(device_class.type, str) and torch.device(device_class.type).type == device_class.type
-        assert isinstance(device_class.distributed_backend, str) and device_class.distributed_backend
 
-    def test_probe_answers_a_bool_quickly(self, tunesmith_device_registration):
+    def test_capabilities_are_declared(self, tunesmith_device_registration):
+        capabilities = tunesmith_device_registration.spec.capabilities
+        assert isinstance(capabilities, DeviceCapabilities)
+        assert capabilities.distributed_backend is None or (isinstance(capabilities.distributed_backend, str) and capabilities.distributed_backend)
+        if capabilities.strategies is not None:
+            assert all(isinstance(name, str) and NAME_PATTERN.match(name) for name in capabilities.strategies)
+            if capabilities.distributed_backend is None:
+                assert capabilities.strategies == ("single",), "a device without a collective backend runs only the single strategy"
+        if capabilities.grad_scaler:
+            assert "fp16" in capabilities.precisions, "a loss scaler is for fp16 training"
+
+    def test_probe_answers_quickly_with_true_or_a_reason(self, tunesmith_device_registration):
         start = time.perf_counter()
-        available = tunesmith_device_registration.spec.probe()
+        answer = tunesmith_device_registration.spec.probe()
         elapsed = time.perf_counter() - start
-        assert isinstance(available, bool)
+        assert answer is True or answer is False or (isinstance(answer, Unavailable) and answer.reason), answer
         assert elapsed < PROBE_TIME_LIMIT_S, f"the probe took {elapsed:.2f} s; it must not initialise the hardware"
 
     # The hardware
@@ -148,6 +158,8 @@ class DeviceConformance:
         assert tunesmith_device.synchronize() is None
 
     def test_memory_stats_report_allocated_and_peak_bytes(self, tunesmith_device, tunesmith_torch_device):
+        if not tunesmith_device.capabilities.memory_stats:
+            pytest.skip(f"{tunesmith_device.name} declares no memory reporting")
         torch.ones(1024, device=tunesmith_torch_device)
         stats = tunesmith_device.memory_stats()
         for key in ("allocated", "peak"):
@@ -164,11 +176,11 @@ class DeviceConformance:
 
     # Precision
 
-    def test_supported_precisions_include_fp32(self, tunesmith_device):
+    def test_supported_precisions_are_declared_ones_and_include_fp32(self, tunesmith_device):
         supported = tunesmith_device.supported_precisions()
         assert isinstance(supported, tuple)
         assert "fp32" in supported
-        assert set(supported) <= set(PRECISIONS)
+        assert set(supported) <= set(tunesmith_device.capabilities.precisions), "a device may narrow what it declared, never widen it"
 
     def test_default_precision_is_supported(self, tunesmith_device):
         assert tunesmith_device.default_precision() in tunesmith_device.supported_precisions()
@@ -180,7 +192,38 @@ class DeviceConformance:
         with pytest.raises(ConfigError):
             tunesmith_device.resolve_precision("fp8")
 
-    @pytest.mark.parametrize("precision", PRECISIONS)
+    def test_a_precision_it_lacks_is_refused_naming_the_device_and_what_works(self, tunesmith_device):
+        for precision in PRECISION_NAMES:
+            if precision not in tunesmith_device.supported_precisions():
+                with pytest.raises(ConfigError, match=f"device {tunesmith_device.name!r} cannot compute in {precision}.*it supports fp32"):
+                    tunesmith_device.resolve_precision(precision)
+
+    def test_fp16_training_needs_the_declared_loss_scaler(self, tunesmith_device, tunesmith_torch_device):
+        if "fp16" not in tunesmith_device.supported_precisions():
+            pytest.skip(f"{tunesmith_device.name} does not compute in fp16")
+        if not tunesmith_device.capabilities.grad_scaler:
+            with pytest.raises(ConfigError, match="needs loss scaling"):
+                tunesmith_device.resolve_precision("fp16", training=True)
+            return
+        assert tunesmith_device.resolve_precision("fp16", training=True) == "fp16"
+        weight = torch.ones(4, device=tunesmith_torch_device, requires_grad=True)
+        optimizer = torch.optim.SGD([weight], lr=1.0)
+        scaler = tunesmith_device.grad_scaler("fp16")
+        assert scaler.is_enabled()
+        scaler.scale((weight * 2).sum()).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        torch.testing.assert_close(weight.detach().cpu(), torch.full((4,), -1.0))
+        assert not tunesmith_device.grad_scaler("fp32").is_enabled()
+
+    def test_every_command_gets_it_through_the_runtime(self, tunesmith_plugin_manager, tunesmith_device):
+        from tunesmith.runtime import select_runtime
+
+        runtime = select_runtime(tunesmith_plugin_manager, tunesmith_device.name, "auto")
+        assert runtime.device.name == tunesmith_device.name and runtime.device.capabilities == tunesmith_device.capabilities
+        assert runtime.precision == tunesmith_device.default_precision()
+
+    @pytest.mark.parametrize("precision", PRECISION_NAMES)
     def test_autocast_computes_a_matmul_in_the_precision(self, tunesmith_device, tunesmith_torch_device, precision):
         if precision not in tunesmith_device.supported_precisions():
             pytest.skip(f"{tunesmith_device.name} does not support {precision}")

@@ -20,15 +20,12 @@ from typing import Any
 import torch
 
 from tunesmith import Device
-from tunesmith_fake_device.plugin import COUNT_VARIABLE, record_call
+from tunesmith_fake_device.plugin import COUNT_VARIABLE, FAKE_BACKEND, record_call
 
 GiB = 1024**3
 MiB = 1024**2
 SIMULATED_TOTAL = 16 * GiB
 SIMULATED_CONTEXT = 64 * MiB
-
-
-FAKE_BACKEND = "fakegloo"
 
 
 def _create_process_group(store, rank, world_size, timeout):
@@ -43,7 +40,6 @@ if FAKE_BACKEND not in torch.distributed.Backend.backend_list:
 
 class FakeDevice(Device):
     type = "cpu"
-    distributed_backend = FAKE_BACKEND
 
     #: every call made to any FakeDevice in this process, in order (also appended to the log file)
     calls: list[str] = []
@@ -80,15 +76,19 @@ class FakeDevice(Device):
 
     def supported_precisions(self) -> tuple[str, ...]:
         self._record("supported_precisions")
-        return ("fp32", "bf16")
+        return super().supported_precisions()
 
     def default_precision(self) -> str:
         self._record("default_precision")
         return "fp32"
 
-    def resolve_precision(self, requested: str) -> str:
+    def resolve_precision(self, requested: str, training: bool = False) -> str:
         self._record("resolve_precision")
-        return super().resolve_precision(requested)
+        return super().resolve_precision(requested, training)
+
+    def grad_scaler(self, precision: str):
+        self._record("grad_scaler")
+        return super().grad_scaler(precision)
 
     def autocast(self, precision: str):
         self._record("autocast")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from tunesmith import DeviceSpec, hookimpl
+from tunesmith import DeviceCapabilities, DeviceSpec, hookimpl
 
 #: ``0`` makes the probe answer "unavailable", to exercise an installed but unusable device.
 AVAILABLE_VARIABLE = "TUNESMITH_FAKE_DEVICE_AVAILABLE"
@@ -15,6 +15,8 @@ LOG_VARIABLE = "TUNESMITH_FAKE_DEVICE_LOG"
 COUNT_VARIABLE = "TUNESMITH_FAKE_DEVICE_COUNT"
 
 FAKE_PRIORITY = 10
+#: the fake's collective backend: gloo underneath, registered under this name by the device module
+FAKE_BACKEND = "fakegloo"
 
 
 def record_call(name: str) -> None:
@@ -39,5 +41,6 @@ def tunesmith_register_devices():
             probe=fake_is_available,
             priority=FAKE_PRIORITY,
             description="fake accelerator for tests (CPU underneath, simulated memory)",
+            capabilities=DeviceCapabilities(precisions=("fp32", "bf16"), distributed_backend=FAKE_BACKEND, memory_stats=True),
         )
     ]
