@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import chat_rows, run_cli, write_jsonl
-from tunesmith import DeviceCapabilities, DeviceSpec, Unavailable, hookimpl
+from tunesmith import DeviceCapabilities, DeviceSpec, OptionSpec, Unavailable, hookimpl
 from tunesmith.config import TrainConfig
 from tunesmith.devices.cpu import CPUDevice
 from tunesmith.errors import ConfigError, PluginError
@@ -22,12 +22,28 @@ from tunesmith.runtime import plan_training, select_runtime
 SOLO = DeviceCapabilities(precisions=("fp32", "fp16"), distributed_backend=None, strategies=("single",))
 
 
+class QuantisingDevice(CPUDevice):
+    """Offers QLoRA and a --turbo option that needs a package this machine lacks."""
+
+    def check_options(self):
+        if self.options["turbo"]:
+            raise ConfigError("--turbo: the turbo-kernels package is not installed")
+
+    def quantization_config(self, adapter):
+        return {"load_in_4bit": True}
+
+
 class SoloPlugin:
     @hookimpl
     def tunesmith_register_devices(self):
         return [
             DeviceSpec(name="solo", device=CPUDevice, probe=lambda: True, priority=50, capabilities=SOLO),
             DeviceSpec(name="absent", device=CPUDevice, probe=lambda: Unavailable("the absent driver is not installed"), priority=60),
+            DeviceSpec(
+                name="quantising", device=QuantisingDevice, probe=lambda: True, priority=5,
+                capabilities=DeviceCapabilities(precisions=("fp32",), distributed_backend="gloo", quantization=("qlora",)),
+                options=(OptionSpec("turbo", False, "Use the turbo kernels."),),
+            ),
         ]
 
 
@@ -64,12 +80,26 @@ def test_an_unavailable_device_says_why(manager):
         ({"precision": "bf16"}, "--precision bf16: device 'solo' cannot compute in bf16; it supports fp32, fp16, or auto (fp32)"),
         ({"precision": "fp16"}, "--precision fp16: training in fp16 needs loss scaling, which device 'solo' does not offer; use fp32"),
         ({"strategy": "ddp"}, "--strategy ddp: device 'solo' runs only single"),
+        ({"adapter": "qlora"}, "--adapter qlora: device 'solo' cannot train on quantised weights; QLoRA needs a device that declares it"),
+        ({"device": "quantising", "adapter": "qlora", "strategy": "fsdp"}, "--adapter qlora runs with --strategy single or ddp, not fsdp"),
+        ({"device": "quantising", "plugin_options": {"turbo": True}}, "--turbo: the turbo-kernels package is not installed"),
     ],
 )
 def test_what_the_device_cannot_do_is_refused_before_the_model_loads(manager, tmp_path, options, message):
     # The model folder does not exist: the refusal must come before anything tries to read it.
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         plan_training("sft", config_for(tmp_path, **options), manager)
+
+
+def test_a_device_declares_its_own_options(manager, tmp_path, tiny_model_dir):
+    from tunesmith.config import collect_plugin_options
+
+    declared = collect_plugin_options(manager)["turbo"]
+    assert (declared.kind, declared.owner) == ("device", "quantising")
+    config = config_for(tmp_path, device="quantising", adapter="qlora", plugin_options={"turbo": False})
+    config.model = str(tiny_model_dir)
+    plan = plan_training("sft", config, manager)
+    assert plan.device.options == {"turbo": False} and plan.device.quantization_config("qlora") == {"load_in_4bit": True}
 
 
 def test_the_readme_capability_matrix_is_the_one_the_declarations_print(capsys):

@@ -53,7 +53,11 @@ class TrainConfig:
     # model
     model: str = option("smollm2-135m", "Local Hugging Face model folder, or the built-in alias smollm2-135m.")
     trust_remote_code: bool = option(False, "Allow the model folder's own Python code to run.", flag=True)
-    adapter: str = option("lora", "What to train: a LoRA or DoRA adapter (peft), or every weight.", click.Choice(["lora", "dora", "full"]))
+    adapter: str = option(
+        "lora",
+        "What to train: a LoRA or DoRA adapter (peft), LoRA on 4-bit quantised weights (qlora, where the device offers it), or every weight.",
+        click.Choice(["lora", "dora", "qlora", "full"]),
+    )
     lora_rank: int = option(8, "LoRA rank r.", POSITIVE)
     lora_alpha: int = option(16, "LoRA alpha (scaling = alpha / rank).", POSITIVE)
     lora_dropout: float = option(0.05, "Dropout on the LoRA input.", FRACTION)
@@ -138,15 +142,17 @@ class PluginOption:
 
 
 def collect_plugin_options(manager) -> dict[str, PluginOption]:
-    """Every option the installed strategies declare, by name; a name taken twice is an error naming both."""
+    """Every option the installed strategies and devices declare, by name; a name taken twice is an error naming both."""
     found: dict[str, PluginOption] = {}
-    for owner, registered in manager.collect("strategy").items():
-        for spec in registered.spec.options:
-            if spec.name in FIELDS:
-                raise PluginError(f"strategy {owner!r} (distribution {registered.distribution}) declares option {spec.name!r}, which is tunesmith's own")
-            if spec.name in found:
-                raise PluginError(f"option {spec.name!r} is declared by strategy {found[spec.name].owner!r} and by strategy {owner!r}")
-            found[spec.name] = PluginOption("strategy", owner, spec)
+    for kind in ("strategy", "device"):
+        for owner, registered in manager.collect(kind).items():
+            for spec in registered.spec.options:
+                if spec.name in FIELDS:
+                    raise PluginError(f"{kind} {owner!r} (distribution {registered.distribution}) declares option {spec.name!r}, which is tunesmith's own")
+                if spec.name in found:
+                    taken = found[spec.name]
+                    raise PluginError(f"option {spec.name!r} is declared by {taken.kind} {taken.owner!r} and by {kind} {owner!r}")
+                found[spec.name] = PluginOption(kind, owner, spec)
     return found
 
 

@@ -26,6 +26,8 @@ class Device(ABC):
     name: str = ""
     #: what the plugin declared in its :class:`~tunesmith.records.DeviceSpec`, set by ``build_device``
     capabilities: DeviceCapabilities = DeviceCapabilities()
+    #: values of the options the device declares (``{"liger": True}``), set by ``build_device``
+    options: dict[str, Any] = {}
     #: torch device type (``"cpu"``, ``"cuda"``, ``"npu"``, ``"mps"``)
     type: str = "cpu"
 
@@ -83,6 +85,25 @@ class Device(ABC):
     def grad_scaler(self, precision: str) -> torch.amp.GradScaler:
         """The loss scaler for training in ``precision``: active for fp16, a pass-through otherwise."""
         return torch.amp.GradScaler(self.type, enabled=precision == "fp16")
+
+    # -- the model on this hardware ------------------------------------------------------------
+    def check_options(self) -> None:
+        """Refuse option values that cannot work here (a kernel package that is missing), before anything loads."""
+
+    def attention_implementation(self) -> str:
+        """The transformers ``attn_implementation`` models use on this device."""
+        return "sdpa"
+
+    def quantization_config(self, adapter: str) -> Any:
+        """The transformers quantisation config that loads weights for ``adapter`` (``"qlora"``).
+
+        Called only for an adapter the capabilities declare in ``quantization``.
+        """
+        raise NotImplementedError(f"device {self.name!r} declares {adapter!r} but does not say how to quantise for it")
+
+    def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Adapt a loaded model to the hardware before adapters are added (fused kernels, say)."""
+        return model
 
     def autocast(self, precision: str):
         """A context manager running the forward pass in ``precision`` (mixed precision)."""

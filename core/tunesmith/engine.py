@@ -99,8 +99,13 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
     trainer.name = trainer_name
     data = build_training_data(trainer, config)
     say(data.describe())
+    quantization = device.quantization_config(config.adapter) if config.adapter in device.capabilities.quantization else None
     with strategy.model_init_context() as empty:
-        model = load_model(plan.model_path, config.trust_remote_code, empty=empty)
+        model = load_model(
+            plan.model_path, config.trust_remote_code, empty=empty, attn_implementation=device.attention_implementation(),
+            quantization_config=quantization,
+        )
+    model = device.prepare_model(model)
     model = apply_adapter(model, config.adapter, config.lora_rank, config.lora_alpha, config.lora_dropout, config.target_modules)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -14,7 +14,7 @@ import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tunesmith.atomic import write_atomically
 from tunesmith.errors import ConfigError
@@ -116,8 +116,17 @@ def load_tokenizer(model_path: Path, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_model(model_path: Path, trust_remote_code: bool = False, dtype: torch.dtype | None = None, empty: bool = False):
+def load_model(
+    model_path: Path,
+    trust_remote_code: bool = False,
+    dtype: torch.dtype | None = None,
+    empty: bool = False,
+    attn_implementation: str = "sdpa",
+    quantization_config: Any = None,
+):
     """The model in ``model_path``; ``empty`` builds it on the meta device from its config alone, reading no weights.
+
+    ``quantization_config`` (from the device, for QLoRA) loads the weights quantised.
 
     Its ``name_or_path``, which peft records as an adapter's ``base_model_name_or_path``, is
     :func:`known_as` ``model_path``.
@@ -131,11 +140,15 @@ def load_model(model_path: Path, trust_remote_code: bool = False, dtype: torch.d
             config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
             with torch.device("meta"):
                 model = AutoModelForCausalLM.from_config(
-                    config, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation="sdpa"
+                    config, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation
                 )
         else:
             model = AutoModelForCausalLM.from_pretrained(
-                model_path, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation="sdpa"
+                model_path,
+                dtype=dtype,
+                trust_remote_code=trust_remote_code,
+                attn_implementation=attn_implementation,
+                quantization_config=quantization_config,
             )
     except (OSError, ValueError) as error:
         raise ConfigError(f"--model {model_path}: could not load the model ({error})") from error
@@ -151,11 +164,14 @@ def apply_adapter(
     lora_dropout: float = 0.05,
     target_modules: str = "all-linear",
 ):
-    """Wrap ``model`` for training: ``lora``/``dora`` through peft, ``full`` trains every weight."""
+    """Wrap ``model`` for training: ``lora``/``dora`` through peft (``qlora``: on its quantised weights), ``full`` trains every weight."""
     if adapter == "full":
         model.requires_grad_(True)
         return model
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if adapter == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
     modules = target_modules if target_modules == "all-linear" else [m.strip() for m in target_modules.split(",") if m.strip()]
     config = LoraConfig(
@@ -182,7 +198,9 @@ def load_for_inference(model: str, runtime: Runtime, adapter_path: Path | None =
 
     model_path = resolve_model(model)
     tokenizer = load_tokenizer(model_path, trust_remote_code)
-    loaded = load_model(model_path, trust_remote_code, dtype=PRECISION_DTYPES[runtime.precision])
+    loaded = load_model(
+        model_path, trust_remote_code, dtype=PRECISION_DTYPES[runtime.precision], attn_implementation=runtime.device.attention_implementation()
+    )
     if adapter_path is not None:
         from peft import PeftModel
 

@@ -252,11 +252,12 @@ class PluginManager:
         return choice
 
 
-def build_device(registered: Registered):
-    """Instantiate a registered device class, with the name and capabilities it was registered with."""
+def build_device(registered: Registered, option_values: dict | None = None):
+    """Instantiate a registered device class, with its registered name and capabilities and its options' values."""
     device = registered.load()()
     device.name = registered.spec.name
     device.capabilities = registered.spec.capabilities
+    device.options = {spec.name: (option_values or {}).get(spec.name, spec.default) for spec in registered.spec.options}
     return device
 
 

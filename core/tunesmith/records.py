@@ -116,6 +116,7 @@ class DeviceSpec:
     ``True``, or an :class:`Unavailable` with the reason. ``priority`` orders ``--device auto``
     (cpu 0, the fake test device 10, mps 50, cuda and npu 100). ``capabilities`` say what the
     hardware can do, so that an option it cannot honour is refused before any model loads.
+    ``options`` are training options only this device understands.
     """
 
     name: str
@@ -124,6 +125,8 @@ class DeviceSpec:
     priority: int = 0
     description: str = ""
     capabilities: DeviceCapabilities = field(default_factory=DeviceCapabilities)
+    #: the device's own :class:`OptionSpec` flags and YAML keys (``--liger``); it receives their values as ``options``
+    options: tuple[OptionSpec, ...] = ()
 
     def __post_init__(self):
         validate_name("device", self.name)

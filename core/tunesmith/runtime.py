@@ -67,24 +67,28 @@ class Runtime:
         return f"device: {self.device.describe()}, {self.device_reason}; precision: {self.precision}"
 
 
-def select_runtime(manager: PluginManager, device: str = "auto", precision: str = "auto", training: bool = False) -> Runtime:
+def select_runtime(
+    manager: PluginManager, device: str = "auto", precision: str = "auto", training: bool = False, option_values: dict | None = None
+) -> Runtime:
     """The device ``--device`` names (or the best available) and the precision ``--precision`` means on it.
 
     Every command builds its runtime here, so an option the device cannot honour is refused
     the same way everywhere, before any model loads.
     """
     choice = manager.select_device(device)
-    built = build_device(choice.candidate.registered)
+    built = build_device(choice.candidate.registered, option_values)
+    built.check_options()
     return Runtime(built, choice.reason, built.resolve_precision(precision, training=training))
 
 
 def plan_training(trainer_name: str, config: TrainConfig, manager: PluginManager, environment: ProcessEnvironment | None = None) -> TrainingPlan:
     environment = environment or ProcessEnvironment.from_environ()
     manager.get("trainer", trainer_name)
-    runtime = select_runtime(manager, config.device, config.precision, training=True)
+    runtime = select_runtime(manager, config.device, config.precision, training=True, option_values=config.plugin_options)
     device, precision = runtime.device, runtime.precision
     strategy = manager.get("strategy", config.strategy)
     check_device_runs(device, config.strategy, strategy)
+    check_adapter_fits(device, config.adapter, strategy)
 
     nproc_per_node = process_count(config.nproc_per_node, device, environment)
     world_size = environment.world_size if environment.launched else nproc_per_node * config.nnodes
@@ -122,6 +126,24 @@ def check_device_runs(device: Device, name: str, strategy: Registered) -> None:
             f"--strategy {name} needs collectives between processes, and device {device.name!r} has no "
             "collective backend (it runs one process); use --strategy single"
         )
+
+
+#: strategies that keep every weight whole on each process, as 4-bit quantised weights need
+QUANTISED_STRATEGIES = ("single", "ddp")
+
+
+def check_adapter_fits(device: Device, adapter: str, strategy: Registered) -> None:
+    """Refuse a quantised adapter the device cannot train, or a strategy that would shard its weights."""
+    if adapter != "qlora":
+        return
+    if adapter not in device.capabilities.quantization:
+        raise ConfigError(
+            f"--adapter qlora: device {device.name!r} cannot train on quantised weights; QLoRA needs a device that "
+            "declares it (tunesmith devices lists them: CUDA with bitsandbytes); use --adapter lora"
+        )
+    if strategy.spec.name not in QUANTISED_STRATEGIES:
+        raise ConfigError(f"--adapter qlora runs with --strategy {' or '.join(QUANTISED_STRATEGIES)}, not {strategy.spec.name}")
+    device.quantization_config(adapter)  # a missing quantisation package is named now, not after loading
 
 
 def process_count(requested: str, device: Device, environment: ProcessEnvironment) -> int:
