@@ -1,0 +1,1 @@
+"""NVIDIA GPUs for tunesmith: the ``cuda`` device plugin (distribution ``tunesmith-cuda``)."""
