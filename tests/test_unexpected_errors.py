@@ -53,3 +53,38 @@ def test_an_unexpected_exception_in_any_other_command_is_logged_under_the_cache(
     (log,) = (tmp_path / "cache" / "logs").glob("error-*.log")
     assert f"the full traceback is in {log}" in message
     assert "Traceback" in log.read_text() and "broken_loader" in log.read_text()
+
+
+HARDWARE_ERROR = """
+import sys
+from tunesmith.devices.cpu import CPUDevice
+from tunesmith_trainers.sft import SFTTrainer
+
+def compute_loss(self, model, batch):
+    raise NotImplementedError("the operator 'aten::fancy' is not implemented here")
+
+def explain_error(self, error):
+    if "aten::fancy" in str(error):
+        return "device 'cpu' lacks the operator aten::fancy; set FANCY_FALLBACK=1 to run it elsewhere."
+    return None
+
+SFTTrainer.compute_loss = compute_loss
+CPUDevice.explain_error = explain_error
+from tunesmith.cli import main
+main(sys.argv[1:])
+"""
+
+
+def test_an_error_the_device_can_explain_is_shown_as_its_explanation(tiny_model_dir, tmp_path):
+    script = tmp_path / "hardware_error.py"
+    script.write_text(HARDWARE_ERROR)
+    data = write_jsonl(tmp_path / "train.jsonl", chat_rows(4))
+    output = tmp_path / "run"
+    result = subprocess.run(
+        [sys.executable, str(script), "sft", "--model", str(tiny_model_dir), "--dataset", str(data), "--output-dir", str(output),
+         "--max-steps", "1"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1
+    assert "error: device 'cpu' lacks the operator aten::fancy; set FANCY_FALLBACK=1 to run it elsewhere." in result.stderr
+    assert "unexpected" not in result.stderr and not (output / "error.log").exists()

@@ -70,7 +70,7 @@ class Device(ABC):
         precision = self.default_precision() if requested == "auto" else requested
         supported = self.supported_precisions()
         if precision not in supported:
-            declared = "" if precision not in self.capabilities.precisions else " (not on this model of it)"
+            declared = "" if precision not in self.capabilities.precisions else " (not on this machine)"
             raise ConfigError(
                 f"--precision {requested}: device {self.name!r} cannot compute in {precision}{declared}; "
                 f"it supports {', '.join(supported)}, or auto ({self.default_precision()})"
@@ -123,6 +123,14 @@ class Device(ABC):
     def set_rng_state(self, state: dict[str, Any]) -> None:
         random.setstate(_python_state_from_list(state["python"]))
         torch.set_rng_state(state["torch"])
+
+    def explain_error(self, error: Exception) -> str | None:
+        """What an exception the hardware raised means to a user and how to get past it; None when it is not one.
+
+        A training command shows this message instead of reporting a bug (an operator the
+        device lacks, say, with the setting that lets it fall back).
+        """
+        return None
 
     def describe(self) -> str:
         """One line for the run log."""

@@ -108,7 +108,7 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
     model = device.prepare_model(model)
     model = apply_adapter(model, config.adapter, config.lora_rank, config.lora_alpha, config.lora_dropout, config.target_modules)
     if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     trainable = sum(parameter_size(p) for p in model.parameters() if p.requires_grad)
     total = sum(parameter_size(p) for p in model.parameters())
     build_optimizer = manager.get("optimizer", config.optimizer).load()
@@ -241,6 +241,15 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
         strategy.save_final(final_dir, model, tokenizer)
     say(f"done: {loop.step} steps; result in {final_dir}")
     return RunResult(output_dir, final_dir, loop.step, device.name, plan.precision)
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute activations in backward: transformers' newer name where it has it, the older one else."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def parameter_size(parameter: torch.Tensor) -> int:

@@ -46,7 +46,7 @@ def tunesmith_register_devices() -> Iterable[DeviceSpec] | None:
         @hookimpl
         def tunesmith_register_devices():
             return [DeviceSpec(name="npu", device="tunesmith_npu.device:NPUDevice",
-                               probe=npu_is_available, priority=30)]
+                               probe=npu_is_available, priority=100)]
     """
 
 

@@ -20,7 +20,7 @@ def tunesmith_select_device(requested: str, candidates: list[DeviceCandidate]) -
             if candidate.name == requested:
                 if not candidate.available:
                     raise PluginError(
-                        f"--device {requested}: the device is installed but not available here; "
+                        f"--device {requested}: the device is installed but not available here ({candidate.reason}); "
                         f"installed devices: {describe(candidates)}"
                     )
                 return DeviceChoice(candidate, f"requested with --device {requested}", candidates)

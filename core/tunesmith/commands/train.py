@@ -29,6 +29,9 @@ def make_train_command(trainer_name: str, description: str = "", plugin_options:
         except TunesmithError:
             raise
         except Exception as error:
+            explanation = plan.device.explain_error(error)
+            if explanation is not None:
+                raise TrainingError(f"{explanation} Checkpoints already written in {config.output_dir} are intact.") from None
             rank = plan.environment.rank
             log = write_traceback(Path(config.output_dir) / ("error.log" if rank == 0 else f"error-rank{rank}.log"))
             raise TrainingError(

@@ -33,6 +33,7 @@ To run every process of a multi-process strategy under a launcher, override
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -119,10 +120,12 @@ class CheckpointFaults:
         assert (output / "damaged" / NEWEST).is_dir(), "the damaged checkpoint must be kept for inspection"
         assert_same_weights(final_weights(output / "final"), reference)
 
-    def test_a_kill_during_a_save_loses_only_the_steps_since_the_previous_checkpoint(self, run, reference, tmp_path):
+    def test_a_kill_during_a_save_loses_only_the_steps_since_the_previous_checkpoint(self, run, reference, tmp_path, tunesmith_fault_launcher):
         output = tmp_path / "run"
         killed = run(output, fault="kill")
         assert killed.returncode != 0, "the fault never fired: does the run write a checkpoint every --save-steps?"
+        if tunesmith_fault_launcher == [sys.executable]:
+            assert killed.returncode == -signal.SIGKILL, f"the run failed before the fault (exit {killed.returncode}):\n{killed.stderr[-4000:]}"
         assert not (output / NEWEST).exists() and verify_folder(output / PREVIOUS) == []
 
         rerun = run(output)

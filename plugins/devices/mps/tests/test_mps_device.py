@@ -105,7 +105,7 @@ def test_auto_picks_mps_over_the_cpu_as_an_mps_device_without_collectives(machin
 
 def test_an_unavailable_mps_is_refused_not_replaced_by_the_cpu(machine, tunesmith_plugin_manager):
     machine("14.5", available=False)
-    with pytest.raises(PluginError, match=r"--device mps: the device is installed but not available here; installed devices: .*mps \(unavailable"):
+    with pytest.raises(PluginError, match=r"--device mps: the device is installed but not available here \(.+\); installed devices: .*mps \(unavailable"):
         select_runtime(tunesmith_plugin_manager, "mps")
     assert select_runtime(tunesmith_plugin_manager).device.name == "cpu"  # only auto may choose another device
 
@@ -125,7 +125,7 @@ def test_bf16_is_offered_from_macos_14(machine, tunesmith_plugin_manager, macos,
 
 def test_bf16_before_macos_14_is_refused_naming_the_device_and_what_works(machine, tunesmith_plugin_manager):
     machine("13.6")
-    expected = "--precision bf16: device 'mps' cannot compute in bf16 (not on this model of it); it supports fp32, fp16, or auto (fp32)"
+    expected = "--precision bf16: device 'mps' cannot compute in bf16 (not on this machine); it supports fp32, fp16, or auto (fp32)"
     with pytest.raises(ConfigError, match=re.escape(expected)):
         select_runtime(tunesmith_plugin_manager, "mps", "bf16")
 
@@ -230,6 +230,7 @@ def test_describe_names_the_gpu_and_macos(machine, monkeypatch, tunesmith_plugin
 def test_a_missing_operator_is_explained_with_the_fallback_variable():
     message = explain_missing_operator(NotImplementedError(MISSING_OPERATOR_MESSAGE))
     assert message is not None
+    assert MPSDevice().explain_error(NotImplementedError(MISSING_OPERATOR_MESSAGE)) == message  # what a training command shows
     assert message.startswith(f"the operator aten::_ctc_loss is not implemented for the MPS device in torch {torch.__version__}")
     assert "PYTORCH_ENABLE_MPS_FALLBACK=1" in message and "on the CPU instead: slower" in message
 

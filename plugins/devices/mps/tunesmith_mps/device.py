@@ -80,6 +80,9 @@ class MPSDevice(Device):
         if "mps" in state:
             torch.mps.set_rng_state(state["mps"])
 
+    def explain_error(self, error: Exception) -> str | None:
+        return explain_missing_operator(error)
+
     def describe(self) -> str:
         return f"{super().describe()}, {torch.backends.mps.get_name()} on macOS {platform.mac_ver()[0]}"
 

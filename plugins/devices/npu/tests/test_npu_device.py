@@ -9,12 +9,12 @@ from importlib.util import find_spec
 
 import pytest
 import torch
-from tunesmith_npu.plugin import NPU_CAPABILITIES
 
 from tunesmith.config import TrainConfig
 from tunesmith.errors import ConfigError
 from tunesmith.plugins import build_device
 from tunesmith.runtime import plan_training, select_runtime
+from tunesmith_npu.plugin import NPU_CAPABILITIES
 
 MiB = 1024**2
 
@@ -88,7 +88,7 @@ def test_a_chip_without_bf16_offers_fp32_and_fp16(npu, fake_npu):
     fake_npu.is_bf16_supported = lambda: False
     assert npu.supported_precisions() == ("fp32", "fp16")
     assert npu.resolve_precision("auto") == "fp32"
-    refusal = r"device 'npu' cannot compute in bf16 \(not on this model of it\); it supports fp32, fp16,"
+    refusal = r"device 'npu' cannot compute in bf16 \(not on this machine\); it supports fp32, fp16,"
     with pytest.raises(ConfigError, match=refusal):
         npu.resolve_precision("bf16")
 
@@ -179,7 +179,7 @@ def test_fp16_training_is_planned_with_the_loss_scaler(fake_npu, tunesmith_plugi
         ({"adapter": "qlora"}, "--adapter qlora: device 'npu' cannot train on quantised weights"),
         (
             {"precision": "bf16"},
-            "--precision bf16: device 'npu' cannot compute in bf16 (not on this model of it); "
+            "--precision bf16: device 'npu' cannot compute in bf16 (not on this machine); "
             "it supports fp32, fp16, or auto (fp32)",
         ),
     ],

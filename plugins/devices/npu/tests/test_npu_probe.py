@@ -5,10 +5,10 @@ import subprocess
 import sys
 
 import pytest
-from tunesmith_npu.plugin import NOT_INSTALLED, npu_probe
 
 from tunesmith import Unavailable
 from tunesmith.errors import PluginError
+from tunesmith_npu.plugin import NOT_INSTALLED, npu_probe
 
 
 def test_without_torch_npu_the_probe_says_what_to_install(torch_npu_missing):
