@@ -50,3 +50,11 @@ def test_a_device_plugin_installs_and_uninstalls_on_its_own(name, venv_lock):  #
     finally:
         pip("install", "--no-deps", "-e", str(REPO / "plugins" / "devices" / name))
     assert distribution in tunesmith("plugins")
+
+
+def test_env_says_why_each_installed_device_is_unavailable():
+    report = " ".join(tunesmith("env").split())  # table cells may wrap: compare the words
+    assert "auto device: " in report
+    assert "torch_npu is not installed" in report  # no Ascend toolkit here
+    if sys.platform != "darwin":
+        assert "MPS needs macOS on Apple silicon" in report
