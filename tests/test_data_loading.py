@@ -187,7 +187,7 @@ def test_specs(tmp_path):
 
 
 def test_split_validation_holds_out_at_least_one_example():
-    examples = [Example(source="data.jsonl", row=row, text="t") for row in range(1, 11)]
+    examples = [Example(source="data.jsonl", row=row, fields={"text": "t"}) for row in range(1, 11)]
     train, evaluation = split_validation(examples, fraction=0.01, seed=0)
     assert len(evaluation) == 1 and len(train) == 9
     assert sorted(example.row for example in train + evaluation) == list(range(1, 11))

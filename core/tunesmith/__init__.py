@@ -29,7 +29,13 @@ _LAZY = {
     "Strategy": "tunesmith.strategy",
     "StepOutcome": "tunesmith.strategy",
     "Trainer": "tunesmith.trainer",
+    "TrainerContext": "tunesmith.trainer",
     "LossOutput": "tunesmith.trainer",
+    "RowFormat": "tunesmith.data.examples",
+    "FieldError": "tunesmith.data.examples",
+    "CONVERSATION_FORMATS": "tunesmith.data.examples",
+    "PAIRED_PREFERENCE_FORMATS": "tunesmith.data.examples",
+    "UNPAIRED_PREFERENCE_FORMATS": "tunesmith.data.examples",
     "Example": "tunesmith.data.types",
     "Sample": "tunesmith.data.types",
     "IGNORE_INDEX": "tunesmith.data.types",
@@ -42,13 +48,20 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from tunesmith.data.collate import collate_causal
+    from tunesmith.data.examples import (
+        CONVERSATION_FORMATS,
+        PAIRED_PREFERENCE_FORMATS,
+        UNPAIRED_PREFERENCE_FORMATS,
+        FieldError,
+        RowFormat,
+    )
     from tunesmith.data.tokenize import tokenize_chat, tokenize_text
     from tunesmith.data.types import IGNORE_INDEX, Example, Sample
     from tunesmith.device import Device
     from tunesmith.losses import causal_lm_loss
     from tunesmith.plugins import create_plugin_manager
     from tunesmith.strategy import StepOutcome, Strategy
-    from tunesmith.trainer import LossOutput, Trainer
+    from tunesmith.trainer import LossOutput, Trainer, TrainerContext
 
 
 def __getattr__(name: str) -> Any:
@@ -64,6 +77,12 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "CONVERSATION_FORMATS",
+    "FieldError",
+    "PAIRED_PREFERENCE_FORMATS",
+    "RowFormat",
+    "TrainerContext",
+    "UNPAIRED_PREFERENCE_FORMATS",
     "ConfigError",
     "DataError",
     "Device",

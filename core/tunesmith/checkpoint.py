@@ -27,6 +27,8 @@ from tunesmith.manifest import STATE_FILE, verify_folder
 
 CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 DAMAGED_FOLDER = "damaged"
+#: what the trainer keeps across a resume (its ``state_dict``)
+TRAINER_FILE = "trainer.pt"
 
 
 @dataclass
@@ -142,6 +144,8 @@ class TrainingState:
     scheduler: Any
     loop_state: LoopState
     tokenizer: Any = None
+    #: the trainer, whose :meth:`~tunesmith.trainer.Trainer.state_dict` is saved with the loop state
+    trainer: Any = None
 
 
 @dataclass
@@ -160,10 +164,13 @@ def save_replicated(folder: Path, state: TrainingState, model, scaler_state: dic
 
 
 def write_loop_files(folder: Path, state: TrainingState, scaler_state: dict[str, Any] | None = None) -> None:
-    """The scheduler, loss-scaler and loop state: small files every strategy writes the same way."""
+    """The scheduler, loss-scaler, trainer and loop state: files every strategy writes the same way."""
     (folder / "scheduler.json").write_text(json.dumps(state.scheduler.state_dict()), encoding="utf-8")
     if scaler_state is not None:
         torch.save(scaler_state, folder / "scaler.pt")
+    trainer_state = state.trainer.state_dict() if state.trainer is not None else {}
+    if trainer_state:
+        torch.save(trainer_state, folder / TRAINER_FILE)
     (folder / STATE_FILE).write_text(json.dumps(asdict(state.loop_state), indent=2), encoding="utf-8")
 
 
@@ -176,6 +183,8 @@ def load_replicated(folder: Path, state: TrainingState, model) -> LoadedCheckpoi
 
 def read_loop_files(folder: Path, state: TrainingState) -> LoadedCheckpoint:
     state.scheduler.load_state_dict(json.loads((folder / "scheduler.json").read_text(encoding="utf-8")))
+    if (folder / TRAINER_FILE).is_file() and state.trainer is not None:
+        state.trainer.load_state_dict(torch.load(folder / TRAINER_FILE, weights_only=True))
     scaler_path = folder / "scaler.pt"
     scaler_state = torch.load(scaler_path, weights_only=True) if scaler_path.is_file() else None
     return LoadedCheckpoint(read_loop_state(folder), scaler_state)

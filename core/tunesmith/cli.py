@@ -43,7 +43,7 @@ class TunesmithGroup(click.Group):
             from tunesmith.commands.train import make_train_command
             from tunesmith.config import collect_plugin_options
 
-            return make_train_command(name, trainers[name].spec.description, collect_plugin_options(manager))
+            return make_train_command(name, trainers[name].spec.description, collect_plugin_options(manager, trainer=name))
         return None
 
 

@@ -141,18 +141,24 @@ class PluginOption:
     spec: OptionSpec
 
 
-def collect_plugin_options(manager) -> dict[str, PluginOption]:
-    """Every option the installed strategies and devices declare, by name; a name taken twice is an error naming both."""
+def collect_plugin_options(manager, trainer: str | None = None) -> dict[str, PluginOption]:
+    """Every option the installed strategies and devices declare, and ``trainer``'s own, by name.
+
+    A name taken twice is an error naming both.
+    """
     found: dict[str, PluginOption] = {}
-    for kind in ("strategy", "device"):
-        for owner, registered in manager.collect(kind).items():
-            for spec in registered.spec.options:
-                if spec.name in FIELDS:
-                    raise PluginError(f"{kind} {owner!r} (distribution {registered.distribution}) declares option {spec.name!r}, which is tunesmith's own")
-                if spec.name in found:
-                    taken = found[spec.name]
-                    raise PluginError(f"option {spec.name!r} is declared by {taken.kind} {taken.owner!r} and by {kind} {owner!r}")
-                found[spec.name] = PluginOption(kind, owner, spec)
+    owners = [("strategy", owner, registered) for owner, registered in manager.collect("strategy").items()]
+    owners += [("device", owner, registered) for owner, registered in manager.collect("device").items()]
+    if trainer is not None:
+        owners.append(("trainer", trainer, manager.get("trainer", trainer)))
+    for kind, owner, registered in owners:
+        for spec in registered.spec.options:
+            if spec.name in FIELDS:
+                raise PluginError(f"{kind} {owner!r} (distribution {registered.distribution}) declares option {spec.name!r}, which is tunesmith's own")
+            if spec.name in found:
+                taken = found[spec.name]
+                raise PluginError(f"option {spec.name!r} is declared by {taken.kind} {taken.owner!r} and by {kind} {owner!r}")
+            found[spec.name] = PluginOption(kind, owner, spec)
     return found
 
 

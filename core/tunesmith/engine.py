@@ -23,6 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from tunesmith.atomic import remove_staging_leftovers
 from tunesmith.checkpoint import LoopState, TrainingState, advice_on_storage_errors, list_checkpoints, rotate_checkpoints
 from tunesmith.config import TrainConfig, write_config
+from tunesmith.data.examples import CONVERSATION_FORMATS
 from tunesmith.data.order import BatchOrder
 from tunesmith.data.setup import build_training_data
 from tunesmith.data.sharding import shard_step
@@ -30,14 +31,15 @@ from tunesmith.data.tokenize import ensure_chat_template
 from tunesmith.errors import ConfigError, StorageError, TrainingError
 from tunesmith.failure import note_failure_time
 from tunesmith.metrics import MetricsLog
-from tunesmith.models import apply_adapter, load_model, load_tokenizer
+from tunesmith.models import apply_adapter, load_model, load_tokenizer, resolve_model
 from tunesmith.optimization import build_scheduler, parameter_groups, warmup_steps
 from tunesmith.plugins import PluginManager, create_plugin_manager
+from tunesmith.reference import ReferenceModel
 from tunesmith.resume import check_within_schedule
 from tunesmith.runtime import TrainingPlan, plan_training, strategy_options
 from tunesmith.storage import checkpoint_shortage
 from tunesmith.strategy import StepSettings, Strategy
-from tunesmith.trainer import Trainer
+from tunesmith.trainer import Trainer, TrainerContext
 
 
 @dataclass
@@ -97,6 +99,7 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
     ensure_chat_template(tokenizer)
     trainer: Trainer = trainer_record.load()(tokenizer, config)
     trainer.name = trainer_name
+    trainer.row_formats = trainer_record.spec.row_formats or CONVERSATION_FORMATS
     data = build_training_data(trainer, config)
     say(data.describe())
     quantization = device.quantization_config(config.adapter) if config.adapter in device.capabilities.quantization else None
@@ -120,12 +123,22 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
     model.train()
     say(f"model: {config.model} ({config.adapter}); trainable parameters {trainable:,} of {total:,}")
 
+    def make_reference(path: str | None) -> ReferenceModel:
+        def load_copy():
+            return load_model(resolve_model(path) if path else plan.model_path, config.trust_remote_code,
+                              attn_implementation=device.attention_implementation())
+
+        return ReferenceModel(strategy, shares_weights=config.adapter != "full" and path is None, load_copy=load_copy)
+
+    trainer_options = {spec.name: config.plugin_options.get(spec.name, spec.default) for spec in trainer_record.spec.options}
+    trainer.setup(TrainerContext(strategy, device, plan.precision, manager, trainer_options, make_reference))
+
     order = BatchOrder(len(data.train_rows), plan.global_batch, config.seed)
     total_steps = config.max_steps or config.epochs * order.steps_per_epoch
     scheduler = build_scheduler(
         config.lr_scheduler, optimizer, total_steps, warmup_steps(total_steps, config.warmup_steps, config.warmup_ratio)
     )
-    state = TrainingState(model, optimizer, scheduler, LoopState(), tokenizer)
+    state = TrainingState(model, optimizer, scheduler, LoopState(), tokenizer, trainer)
 
     # Resume from the newest complete checkpoint, if any.
     metrics = MetricsLog(output_dir / "metrics.jsonl")
@@ -281,7 +294,7 @@ def accumulate_gradients(model, trainer: Trainer, pieces, filler, strategy: Stra
     batches = [(trainer.collate(rows or filler), 1.0 if rows else 0.0) for rows in pieces]
     local = torch.tensor(
         [sum(trainer.count_items(batch) * weight for batch, weight in batches),
-         sum(int(batch["num_input_tokens"]) * weight for batch, weight in batches)],
+         sum(trainer.count_input_tokens(batch) * weight for batch, weight in batches)],
         dtype=torch.float64,
     )
     items, tokens = strategy.reduce(local).tolist()

@@ -160,11 +160,19 @@ class StrategySpec:
 
 @dataclass(frozen=True)
 class TrainerSpec:
-    """A training objective: ``trainer`` is a :class:`tunesmith.trainer.Trainer` subclass or its path."""
+    """A training objective: ``trainer`` is a :class:`tunesmith.trainer.Trainer` subclass or its path.
+
+    ``row_formats`` are the dataset formats it reads (:class:`tunesmith.RowFormat`; empty means
+    the conversation and text formats ``sft`` reads). ``options`` are its own
+    :class:`OptionSpec` flags and YAML keys, offered by its command only; it reads their values
+    as ``self.options``.
+    """
 
     name: str
     trainer: Any
     description: str = ""
+    row_formats: tuple[Any, ...] = ()
+    options: tuple[OptionSpec, ...] = ()
 
     def __post_init__(self):
         validate_name("trainer", self.name)

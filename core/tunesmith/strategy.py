@@ -206,6 +206,10 @@ class Strategy(ABC):
         """The plain module inside whatever wrapper ``setup`` added."""
         return model
 
+    def place_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Place a model that is only ever run forward (a reference model) where this process computes."""
+        return model.to(self.root_device)
+
     def write_atomically(self, target: Path, write_into: Callable[[Path], None]) -> None:
         """Write a folder that appears complete or not at all; every process calls this and may write into it."""
         write_atomically(target, write_into)

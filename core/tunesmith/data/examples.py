@@ -1,7 +1,8 @@
 """Turning raw records into :class:`Example` objects, whatever dataset format they come in.
 
-A file's format is detected once, from the keys of its first row, and every row must then be
-in that format:
+A file's format is detected once, from the keys of its first row, among the formats the
+trainer reads (:class:`RowFormat`; a trainer plugin may bring its own), and every row must then
+be in that format. The conversation formats (``sft``, ``pt``):
 
 - OpenAI ``messages``: ``[{"role": "system" | "user" | "assistant", "content": "..."}, ...]``
 - ShareGPT ``conversations``: ``[{"from": "human" | "gpt" | "system", "value": "..."}, ...]``
@@ -10,6 +11,13 @@ in that format:
   optional system message, a user message (instruction and input joined by a newline) and an
   assistant message
 - plain ``text``, for continued pre-training
+
+The preference formats (``dpo`` and the other alignment trainers):
+
+- ``prompt``, ``chosen``, ``rejected``: each a string or a list of messages (TRL's shape); a
+  string prompt is one user message, a string response one assistant message
+- ``messages`` ending in the chosen assistant reply, plus ``rejected_response`` (ms-swift's shape)
+- ``prompt``, ``completion``, ``label`` (true for a desirable completion): unpaired, for KTO
 
 Every field the format does not read is kept, untouched, in ``Example.columns``.
 """
@@ -30,7 +38,7 @@ ROLES = ("system", "user", "assistant")
 SHAREGPT_SPEAKERS = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
-class _FieldError(Exception):
+class FieldError(Exception):
     """A problem with one field of a row; the caller adds the file and row."""
 
     def __init__(self, field: str, problem: str):
@@ -44,8 +52,8 @@ class RowFormat:
     signature: tuple[str, ...]
     #: keys the format turns into the conversation or text; every other key becomes a column
     reads: tuple[str, ...]
-    #: record -> (messages, text); raises _FieldError
-    convert: Callable[[dict[str, Any]], tuple[list[dict[str, str]] | None, str | None]]
+    #: record -> the example's fields (``{"messages": [...]}``, ...); raises :class:`FieldError`
+    convert: Callable[[dict[str, Any]], dict[str, Any]]
 
     def describe(self) -> str:
         return f"{self.name} ({' + '.join(repr(key) for key in self.signature)})"
@@ -58,9 +66,9 @@ def _string(mapping: dict[str, Any], key: str, name: str | None = None, *, optio
     if value is None and optional:
         return None
     if key not in mapping:
-        raise _FieldError(name, "missing")
+        raise FieldError(name, "missing")
     if not isinstance(value, str):
-        raise _FieldError(name, f"expected a string, got {json_type(value)}")
+        raise FieldError(name, f"expected a string, got {json_type(value)}")
     return value
 
 
@@ -71,80 +79,141 @@ def _turns(record: dict[str, Any], field: str) -> list[Any]:
         try:
             turns = json.loads(turns)
         except json.JSONDecodeError as error:
-            raise _FieldError(field, f"looks like a JSON list of turns but does not parse: {error}") from None
+            raise FieldError(field, f"looks like a JSON list of turns but does not parse: {error}") from None
     if not isinstance(turns, list):
-        raise _FieldError(field, f"expected a list of turns, got {json_type(turns)}")
+        raise FieldError(field, f"expected a list of turns, got {json_type(turns)}")
     if not turns:
-        raise _FieldError(field, "empty; expected at least one turn")
+        raise FieldError(field, "empty; expected at least one turn")
     return turns
 
 
-def _from_messages(record: dict[str, Any]) -> tuple[list[dict[str, str]], None]:
+def _messages(record: dict[str, Any], field: str) -> list[dict[str, str]]:
     messages = []
-    for index, turn in enumerate(_turns(record, "messages")):
-        where = f"messages[{index}]"
+    for index, turn in enumerate(_turns(record, field)):
+        where = f"{field}[{index}]"
         if not isinstance(turn, dict):
-            raise _FieldError(where, f"expected an object with 'role' and 'content', got {json_type(turn)}")
+            raise FieldError(where, f"expected an object with 'role' and 'content', got {json_type(turn)}")
         role = _string(turn, "role", f"{where}.role")
         if role not in ROLES:
-            raise _FieldError(f"{where}.role", f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
+            raise FieldError(f"{where}.role", f"unknown role {role!r}; expected one of {', '.join(ROLES)}")
         content = _string(turn, "content", f"{where}.content")
         messages.append({"role": role, "content": content})
-    return messages, None
+    return messages
 
 
-def _from_sharegpt(record: dict[str, Any]) -> tuple[list[dict[str, str]], None]:
+def _from_messages(record: dict[str, Any]) -> dict[str, Any]:
+    return {"messages": _messages(record, "messages")}
+
+
+def _from_sharegpt(record: dict[str, Any]) -> dict[str, Any]:
     messages = []
     for index, turn in enumerate(_turns(record, "conversations")):
         where = f"conversations[{index}]"
         if not isinstance(turn, dict):
-            raise _FieldError(where, f"expected an object with 'from' and 'value', got {json_type(turn)}")
+            raise FieldError(where, f"expected an object with 'from' and 'value', got {json_type(turn)}")
         speaker = _string(turn, "from", f"{where}.from")
         value = _string(turn, "value", f"{where}.value")
         if speaker not in SHAREGPT_SPEAKERS:
-            raise _FieldError(f"{where}.from", f"unknown speaker {speaker!r}; expected one of {', '.join(SHAREGPT_SPEAKERS)}")
+            raise FieldError(f"{where}.from", f"unknown speaker {speaker!r}; expected one of {', '.join(SHAREGPT_SPEAKERS)}")
         messages.append({"role": SHAREGPT_SPEAKERS[speaker], "content": value})
-    return messages, None
+    return {"messages": messages}
 
 
-def _from_alpaca(record: dict[str, Any]) -> tuple[list[dict[str, str]], None]:
+def _from_alpaca(record: dict[str, Any]) -> dict[str, Any]:
     instruction = _string(record, "instruction")
     extra_input = _string(record, "input", optional=True)
     output = _string(record, "output")
     system = _string(record, "system", optional=True)
     prompt = "\n".join(part for part in (instruction, extra_input) if part)
     if not prompt:
-        raise _FieldError("instruction", "empty, and there is no 'input' either; expected the prompt text")
+        raise FieldError("instruction", "empty, and there is no 'input' either; expected the prompt text")
     messages = [{"role": "system", "content": system}] if system else []
     messages.append({"role": "user", "content": prompt})
     messages.append({"role": "assistant", "content": output})
-    return messages, None
+    return {"messages": messages}
 
 
-def _from_text(record: dict[str, Any]) -> tuple[None, str]:
+def _from_text(record: dict[str, Any]) -> dict[str, Any]:
     text = _string(record, "text")
     if not text:
-        raise _FieldError("text", "empty; expected the text to train on")
-    return None, text
+        raise FieldError("text", "empty; expected the text to train on")
+    return {"text": text}
+
+
+def _turns_or_string(record: dict[str, Any], field: str, role: str) -> list[dict[str, str]]:
+    """A field holding a string (one ``role`` message) or a list of messages."""
+    value = record.get(field)
+    if isinstance(value, str) and not value.lstrip().startswith("["):
+        if not value:
+            raise FieldError(field, "empty; expected text or a list of messages")
+        return [{"role": role, "content": value}]
+    return _messages(record, field)
+
+
+def _responses(record: dict[str, Any], *fields: str) -> list[list[dict[str, str]]]:
+    responses = []
+    for field in fields:
+        turns = _turns_or_string(record, field, "assistant")
+        if turns[-1]["role"] != "assistant":
+            raise FieldError(field, f"expected the response to end with an assistant message, got {turns[-1]['role']!r}")
+        responses.append(turns)
+    return responses
+
+
+def _prompt(record: dict[str, Any]) -> list[dict[str, str]]:
+    prompt = _turns_or_string(record, "prompt", "user")
+    if prompt[-1]["role"] == "assistant":
+        raise FieldError("prompt", "ends with an assistant message; the prompt is what the responses answer")
+    return prompt
+
+
+def _from_preference(record: dict[str, Any]) -> dict[str, Any]:
+    chosen, rejected = _responses(record, "chosen", "rejected")
+    return {"prompt": _prompt(record), "chosen": chosen, "rejected": rejected}
+
+
+def _from_messages_and_rejected(record: dict[str, Any]) -> dict[str, Any]:
+    messages = _messages(record, "messages")
+    if messages[-1]["role"] != "assistant" or len(messages) < 2:
+        raise FieldError("messages", "expected a conversation ending in the chosen assistant reply")
+    rejected = _string(record, "rejected_response")
+    return {"prompt": messages[:-1], "chosen": [messages[-1]], "rejected": [{"role": "assistant", "content": rejected}]}
+
+
+def _from_unpaired(record: dict[str, Any]) -> dict[str, Any]:
+    label = record.get("label")
+    if not isinstance(label, bool):
+        raise FieldError("label", f"expected true (a desirable completion) or false, got {json_type(label)}")
+    (completion,) = _responses(record, "completion")
+    return {"prompt": _prompt(record), "completion": completion, "label": label}
 
 
 # In detection order: a row with both 'messages' and 'text' is a conversation whose text is a column.
-FORMATS = (
+CONVERSATION_FORMATS = (
     RowFormat("OpenAI messages", ("messages",), ("messages",), _from_messages),
     RowFormat("ShareGPT", ("conversations",), ("conversations",), _from_sharegpt),
     RowFormat("Alpaca", ("instruction", "output"), ("instruction", "input", "output", "system"), _from_alpaca),
     RowFormat("plain text", ("text",), ("text",), _from_text),
 )
+#: pairs of responses to one prompt, the better one first
+PAIRED_PREFERENCE_FORMATS = (
+    RowFormat("preference pairs", ("prompt", "chosen", "rejected"), ("prompt", "chosen", "rejected"), _from_preference),
+    RowFormat("messages with a rejected response", ("messages", "rejected_response"), ("messages", "rejected_response"), _from_messages_and_rejected),
+)
+#: single responses labelled desirable or not (KTO)
+UNPAIRED_PREFERENCE_FORMATS = (
+    RowFormat("labelled completions", ("prompt", "completion", "label"), ("prompt", "completion", "label"), _from_unpaired),
+)
 
 
-def detect_format(record: dict[str, Any], where: str) -> RowFormat:
-    """The format ``record`` (a file's first row, at ``where``) is in."""
-    for row_format in FORMATS:
+def detect_format(record: dict[str, Any], where: str, formats: tuple[RowFormat, ...] = CONVERSATION_FORMATS) -> RowFormat:
+    """The format among ``formats`` that ``record`` (a file's first row, at ``where``) is in."""
+    for row_format in formats:
         if all(key in record for key in row_format.signature):
             return row_format
     found = ", ".join(repr(key) for key in record) or "none"
-    expected = "; ".join(row_format.describe() for row_format in FORMATS)
-    raise DataError(f"{where}: the row matches no known dataset format; its keys: {found}; expected one of: {expected}")
+    expected = "; ".join(row_format.describe() for row_format in formats)
+    raise DataError(f"{where}: the row matches no dataset format this trainer reads; its keys: {found}; expected one of: {expected}")
 
 
 def to_example(record: dict[str, Any], row_format: RowFormat, source: str, row: int) -> Example:
@@ -156,14 +225,16 @@ def to_example(record: dict[str, Any], row_format: RowFormat, source: str, row: 
                 "so every row needs it"
             )
     try:
-        messages, text = row_format.convert(record)
-    except _FieldError as error:
+        fields = row_format.convert(record)
+    except FieldError as error:
         raise BadRowError(f"{source}:{row}: {error}") from None
     columns = {key: value for key, value in record.items() if key not in row_format.reads}
-    return Example(source=source, row=row, messages=messages, text=text, columns=columns)
+    return Example(source=source, row=row, fields=fields, columns=columns)
 
 
-def read_examples(path: str | Path, on_bad_row: OnBadRow | None = None) -> Iterator[Example]:
+def read_examples(
+    path: str | Path, on_bad_row: OnBadRow | None = None, formats: tuple[RowFormat, ...] = CONVERSATION_FORMATS
+) -> Iterator[Example]:
     """Yield every row of ``path`` as an :class:`Example`.
 
     A malformed row raises :class:`BadRowError`, or is passed to ``on_bad_row`` and skipped.
@@ -173,7 +244,7 @@ def read_examples(path: str | Path, on_bad_row: OnBadRow | None = None) -> Itera
     row_format = None
     for row, record in read_records(path, on_bad_row):
         if row_format is None:
-            row_format = detect_format(record, f"{source}:{row}")
+            row_format = detect_format(record, f"{source}:{row}", formats)
         try:
             example = to_example(record, row_format, source, row)
         except BadRowError as error:

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import TypeVar
 
-from tunesmith.data.examples import read_examples
+from tunesmith.data.examples import CONVERSATION_FORMATS, RowFormat, read_examples
 from tunesmith.data.readers import BadRowError
 from tunesmith.data.types import Example
 from tunesmith.errors import DataError
@@ -62,8 +62,8 @@ def parse_spec(spec: str) -> DatasetSpec:
     return DatasetSpec(path, ratio=ratio)
 
 
-def load_examples(specs: list[str], seed: int, skip_bad_rows: bool) -> LoadedData:
-    """Read, validate and sample every spec's file, in order.
+def load_examples(specs: list[str], seed: int, skip_bad_rows: bool, formats: tuple[RowFormat, ...] = CONVERSATION_FORMATS) -> LoadedData:
+    """Read, validate and sample every spec's file (in one of ``formats``), in order.
 
     A malformed row raises :class:`DataError`, or with ``skip_bad_rows`` is skipped and
     counted. A file with no usable row is an error either way.
@@ -73,7 +73,7 @@ def load_examples(specs: list[str], seed: int, skip_bad_rows: bool) -> LoadedDat
     for text in specs:
         spec = parse_spec(text)
         skipped: list[BadRowError] = []
-        rows = list(read_examples(spec.path, on_bad_row=skipped.append if skip_bad_rows else None))
+        rows = list(read_examples(spec.path, on_bad_row=skipped.append if skip_bad_rows else None, formats=formats))
         bad_rows += len(skipped)
         if not rows:
             detail = f" ({len(skipped)} bad rows skipped; the first: {skipped[0]})" if skipped else ""

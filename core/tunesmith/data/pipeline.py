@@ -1,17 +1,19 @@
-"""Tokenizing examples into samples with a trainer, truncating them to the maximum length."""
+"""Turning examples into the trainer's data units, cut to the maximum length by the trainer."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
-from tunesmith.data.types import Example, Sample
+from tunesmith.data.types import Example
 from tunesmith.errors import DataError
 from tunesmith.trainer import Trainer
 
 
 @dataclass
 class PreparedData:
-    samples: list[Sample]
+    #: the trainer's data units (causal-LM samples, preference pairs ...)
+    samples: list[Any]
     #: samples cut to ``max_length``
     truncated: int
     #: samples left out because no token was trained (usually: truncation cut every trained token)
@@ -21,12 +23,12 @@ class PreparedData:
 
 
 def prepare_samples(trainer: Trainer, examples: list[Example], max_length: int, skip_bad_rows: bool) -> PreparedData:
-    """Run ``trainer.prepare`` on every example and truncate the samples to ``max_length`` tokens.
+    """Run ``trainer.prepare`` on every example and let the trainer cut each unit to ``max_length`` tokens.
 
     A :class:`DataError` from the trainer stops, or with ``skip_bad_rows`` is counted and the
     example skipped. Having no sample left is an error.
     """
-    samples: list[Sample] = []
+    samples: list[Any] = []
     truncated = dropped = bad_rows = 0
     first_error: DataError | None = None
     for example in examples:
@@ -41,9 +43,9 @@ def prepare_samples(trainer: Trainer, examples: list[Example], max_length: int, 
             first_error = first_error or located
             continue
         if len(sample) > max_length:
-            sample = Sample(sample.input_ids[:max_length], sample.labels[:max_length], sample.columns)
+            sample = trainer.truncate(sample, max_length)
             truncated += 1
-        if sample.num_trained_tokens == 0:
+        if not trainer.has_targets(sample):
             dropped += 1
             continue
         samples.append(sample)

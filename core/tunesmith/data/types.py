@@ -10,22 +10,32 @@ IGNORE_INDEX = -100
 
 @dataclass
 class Example:
-    """One dataset row, normalised: a conversation (``messages``) or plain ``text``.
+    """One dataset row, normalised by its row format into ``fields``.
 
+    The conversation formats give ``{"messages": [...]}`` or ``{"text": "..."}`` (read them as
+    ``example.messages`` and ``example.text``); the preference formats give ``prompt``,
+    ``chosen`` and ``rejected`` message lists, or ``prompt``, ``completion`` and ``label``.
     ``source`` and ``row`` locate it for error messages (file path, 1-based line or row
     number); ``columns`` carries every other field of the row untouched (reward plugins and
-    later trainers read them).
+    trainers read them).
     """
 
     source: str
     row: int
-    messages: list[dict[str, str]] | None = None
-    text: str | None = None
+    fields: dict[str, Any] = field(default_factory=dict)
     columns: dict[str, Any] = field(default_factory=dict)
 
     @property
     def where(self) -> str:
         return f"{self.source}:{self.row}"
+
+    @property
+    def messages(self) -> list[dict[str, str]] | None:
+        return self.fields.get("messages")
+
+    @property
+    def text(self) -> str | None:
+        return self.fields.get("text")
 
 
 @dataclass
