@@ -41,6 +41,8 @@ _LAZY = {
     "IGNORE_INDEX": "tunesmith.data.types",
     "tokenize_chat": "tunesmith.data.tokenize",
     "tokenize_text": "tunesmith.data.tokenize",
+    "tokenize_prompt_and_responses": "tunesmith.data.tokenize",
+    "sequence_logps": "tunesmith.losses",
     "collate_causal": "tunesmith.data.collate",
     "causal_lm_loss": "tunesmith.losses",
     "create_plugin_manager": "tunesmith.plugins",
@@ -55,10 +57,10 @@ if TYPE_CHECKING:
         FieldError,
         RowFormat,
     )
-    from tunesmith.data.tokenize import tokenize_chat, tokenize_text
+    from tunesmith.data.tokenize import tokenize_chat, tokenize_prompt_and_responses, tokenize_text
     from tunesmith.data.types import IGNORE_INDEX, Example, Sample
     from tunesmith.device import Device
-    from tunesmith.losses import causal_lm_loss
+    from tunesmith.losses import causal_lm_loss, sequence_logps
     from tunesmith.plugins import create_plugin_manager
     from tunesmith.strategy import StepOutcome, Strategy
     from tunesmith.trainer import LossOutput, Trainer, TrainerContext
@@ -110,5 +112,7 @@ __all__ = [
     "hookimpl",
     "hookspec",
     "tokenize_chat",
+    "tokenize_prompt_and_responses",
     "tokenize_text",
+    "sequence_logps",
 ]

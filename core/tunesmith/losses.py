@@ -25,6 +25,22 @@ def causal_lm_loss(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tenso
     return F.cross_entropy(logits[trained].float(), targets[trained], reduction="sum")
 
 
+def sequence_logps(model: torch.nn.Module, batch: dict[str, Any], num_sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sample's summed log-probability of its target tokens, and how many there are: two (N,) tensors.
+
+    Samples are numbered by ``batch["sample_ids"]`` (:func:`tunesmith.data.collate.collate_causal`);
+    only target positions count, so padding and untrained prompt tokens add nothing.
+    """
+    logits = _logits(model, batch)
+    targets = batch["targets"]
+    trained = targets != IGNORE_INDEX
+    token_logps = -F.cross_entropy(logits[trained].float(), targets[trained], reduction="none")
+    owners = batch["sample_ids"][trained]
+    logps = torch.zeros(num_sequences, dtype=token_logps.dtype, device=token_logps.device).index_add(0, owners, token_logps)
+    counts = torch.zeros(num_sequences, dtype=torch.long, device=owners.device).index_add(0, owners, torch.ones_like(owners))
+    return logps, counts
+
+
 def per_token_losses(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     """The fp32 cross-entropy of every position, (B, L); 0 where there is no target."""
     logits = _logits(model, batch)

@@ -18,16 +18,19 @@ from tunesmith.data.types import IGNORE_INDEX, Sample
 
 
 def collate_causal(rows: list[list[Sample]], pad_token_id: int) -> dict[str, Any]:
-    """``input_ids``, ``position_ids`` and ``targets`` (B, L), plus token counts.
+    """``input_ids``, ``position_ids``, ``targets`` and ``sample_ids`` (B, L), plus token counts.
 
     ``targets[b, t]`` is the label of the token after ``t`` in the same sample, so the loss
     needs no shifting; the last token of each sample, and padding, have no target.
+    ``sample_ids[b, t]`` numbers the samples in the order the rows list them (0, 1, ...; -1 on
+    padding), for objectives that score whole sequences.
     """
     length = max(sum(len(sample) for sample in row) for row in rows)
     input_ids = torch.full((len(rows), length), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), length), dtype=torch.long)
     targets = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
-    num_input_tokens = 0
+    sample_ids = torch.full((len(rows), length), -1, dtype=torch.long)
+    num_input_tokens = number = 0
     for b, row in enumerate(rows):
         start = 0
         for sample in row:
@@ -35,13 +38,15 @@ def collate_causal(rows: list[list[Sample]], pad_token_id: int) -> dict[str, Any
             input_ids[b, start:end] = torch.tensor(sample.input_ids, dtype=torch.long)
             position_ids[b, start:end] = torch.arange(len(sample))
             targets[b, start : end - 1] = torch.tensor(sample.labels[1:], dtype=torch.long)
-            start = end
+            sample_ids[b, start:end] = number
+            start, number = end, number + 1
         num_input_tokens += start
         position_ids[b, start:] = torch.arange(length - start)
     return {
         "input_ids": input_ids,
         "position_ids": position_ids,
         "targets": targets,
+        "sample_ids": sample_ids,
         "num_target_tokens": int((targets != IGNORE_INDEX).sum()),
         "num_input_tokens": num_input_tokens,
     }

@@ -86,6 +86,28 @@ def tokenize_chat(tokenizer, messages: list[dict[str, str]], columns: dict[str, 
     return Sample(input_ids=input_ids, labels=labels, columns=dict(columns or {}))
 
 
+def tokenize_prompt_and_responses(
+    tokenizer, prompt: list[dict[str, str]], responses: list[list[dict[str, str]]]
+) -> tuple[list[int], list[list[int]]]:
+    """The prompt rendered once by the chat template (ending in the generation prompt) and each response's tokens after it.
+
+    A response is what the template renders after the prompt for ``prompt + response``, up to
+    and including its end-of-turn marker; prompt and responses are tokenized separately, so
+    the prompt's tokens are the same for every response.
+    """
+    prompt_text = _render(tokenizer, prompt, generation_prompt=True)
+    responses_ids = []
+    for index, response in enumerate(responses):
+        full = _render(tokenizer, prompt + response, generation_prompt=False)
+        if not full.startswith(prompt_text):
+            raise DataError(
+                f"response {index}: the chat template does not render the prompt the same with and without the response, "
+                "so the response's tokens cannot be separated from the prompt's"
+            )
+        responses_ids.append(list(tokenizer(full[len(prompt_text):].rstrip(), add_special_tokens=False)["input_ids"]))
+    return list(tokenizer(prompt_text, add_special_tokens=False)["input_ids"]), responses_ids
+
+
 def tokenize_text(tokenizer, text: str, columns: dict[str, Any] | None = None) -> Sample:
     """Tokenize plain text with the tokenizer's own special tokens and a closing eos token; every token is labelled."""
     input_ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])

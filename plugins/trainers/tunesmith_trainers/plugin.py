@@ -1,6 +1,18 @@
-"""Entry-point module registering the built-in trainers."""
+"""Entry-point module registering the built-in trainers and their options (classes are named by path: torch loads later)."""
 
-from tunesmith import TrainerSpec, hookimpl
+import click
+
+from tunesmith import PAIRED_PREFERENCE_FORMATS, OptionSpec, TrainerSpec, hookimpl
+
+DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
+
+DPO_OPTIONS = (
+    OptionSpec("loss_type", "sigmoid", "The DPO loss: sigmoid (DPO), robust (rDPO), hinge (SLiC) or ipo (IPO).", click.Choice(DPO_LOSS_TYPES)),
+    OptionSpec("beta", 0.1, "Temperature of the implicit reward: how far the policy may move from the reference.", click.FloatRange(min=0.0, min_open=True)),
+    OptionSpec("label_smoothing", 0.0, "The share of pairs assumed mislabelled (sigmoid and robust losses).", click.FloatRange(min=0.0, max=0.5, max_open=True)),
+    OptionSpec("rpo_alpha", 0.0, "Weight of the chosen responses' negative log-likelihood added to the loss (RPO); 0 is off.", click.FloatRange(min=0.0)),
+    OptionSpec("ref_model", "", "A model folder to use as the reference instead of the starting weights."),
+)
 
 
 @hookimpl
@@ -15,5 +27,12 @@ def tunesmith_register_trainers():
             name="pt",
             trainer="tunesmith_trainers.pt:PretrainTrainer",
             description="continued pre-training on plain text; loss on every token",
+        ),
+        TrainerSpec(
+            name="dpo",
+            trainer="tunesmith_trainers.dpo:DPOTrainer",
+            description="direct preference optimisation on chosen/rejected pairs, against a reference model",
+            row_formats=PAIRED_PREFERENCE_FORMATS,
+            options=DPO_OPTIONS,
         ),
     ]
