@@ -26,7 +26,9 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(TUNESMITH) sft --config examples/demo/demo.yaml
-	@echo "--- Who are you? (the base model says it is SmolLM; the adapter learned a new name)"
+	@echo "--- Who are you? The base model answers:"
+	@$(TUNESMITH) infer --prompt "Who are you?" 2>/dev/null
+	@echo "--- Who are you? The fine-tuned adapter answers (it learned the name in examples/demo):"
 	@$(TUNESMITH) infer --adapter runs/demo/final --prompt "Who are you?" 2>/dev/null
 	@echo "--- What is the capital of France? (general answers are kept)"
 	@$(TUNESMITH) infer --adapter runs/demo/final --prompt "What is the capital of France?" 2>/dev/null
