@@ -201,3 +201,13 @@ def test_a_resumed_run_trains_with_its_own_learning_rate_and_weight_decay(tiny_m
     assert [line["learning_rate"] for line in read_metrics(output)] == pytest.approx([1e-4, 1e-4, 1e-3, 1e-3])
     optimizer_state = torch.load(output / "checkpoint-4" / "optimizer.pt", weights_only=True)
     assert optimizer_state["param_groups"][0]["weight_decay"] == 0.5
+
+
+def test_re_running_a_finished_run_says_so_and_shows_no_nan(tiny_model_dir, data_file, tmp_path, capsys):
+    output = tmp_path / "run"
+    assert sft(tiny_model_dir, data_file, output, "--max-steps", "2", "--save-steps", "2", "--precision", "fp32") == 0
+    capsys.readouterr()
+    assert sft(tiny_model_dir, data_file, output, "--max-steps", "2", "--save-steps", "2", "--precision", "fp32") == 0
+    shown = capsys.readouterr().out
+    assert "nothing left to train: 2 of 2 steps were done already" in shown
+    assert "nan" not in shown and "loss -" in shown

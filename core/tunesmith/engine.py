@@ -183,14 +183,17 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
         TextColumn("[bold]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}  lr {task.fields[lr]:.2e}  {task.fields[tps]:.0f} tok/s"),
+        TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]:.2e}  {task.fields[tps]:.0f} tok/s"),
         TimeRemainingColumn(),
         console=console,
         disable=not strategy.is_global_zero,
     )
     interval_tokens, interval_start = 0, time.perf_counter()
+    if loop.step >= total_steps:
+        say(f"nothing left to train: {loop.step} of {total_steps} steps were done already; writing the result again")
     with progress:
-        task = progress.add_task(trainer_name, total=total_steps, completed=loop.step, loss=float("nan"), lr=scheduler.get_last_lr()[0], tps=0.0)
+        # Until the first logged step there is no loss to show: a dash, not "nan".
+        task = progress.add_task(trainer_name, total=total_steps, completed=loop.step, loss="-", lr=scheduler.get_last_lr()[0], tps=0.0)
         while loop.step < total_steps:
             # One optimizer step: this rank's share of the step's rows, in micro-batches.
             step_rows = [data.train_rows[i] for i in order.step_rows(loop.epoch, loop.epoch_rows)]
@@ -236,7 +239,7 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
                 }
                 if strategy.is_global_zero:
                     metrics.write(record)
-                progress.update(task, completed=loop.step, loss=loss, lr=record["learning_rate"], tps=tokens_per_second)
+                progress.update(task, completed=loop.step, loss=f"{loss:.4f}", lr=record["learning_rate"], tps=tokens_per_second)
                 interval_tokens, interval_start = 0, time.perf_counter()
             else:
                 progress.update(task, completed=loop.step)
