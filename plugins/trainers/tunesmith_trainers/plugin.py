@@ -2,7 +2,7 @@
 
 import click
 
-from tunesmith import PAIRED_PREFERENCE_FORMATS, OptionSpec, TrainerSpec, hookimpl
+from tunesmith import PAIRED_PREFERENCE_FORMATS, UNPAIRED_PREFERENCE_FORMATS, OptionSpec, TrainerSpec, hookimpl
 
 DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
 
@@ -34,5 +34,17 @@ def tunesmith_register_trainers():
             description="direct preference optimisation on chosen/rejected pairs, against a reference model",
             row_formats=PAIRED_PREFERENCE_FORMATS,
             options=DPO_OPTIONS,
+        ),
+        TrainerSpec(
+            name="kto",
+            trainer="tunesmith_trainers.kto:KTOTrainer",
+            description="Kahneman-Tversky optimisation on unpaired completions labelled desirable or not, against a reference model",
+            row_formats=UNPAIRED_PREFERENCE_FORMATS,
+            options=(
+                OptionSpec("beta", 0.1, "Temperature of the implicit reward: how far the policy may move from the reference.", click.FloatRange(min=0.0, min_open=True)),
+                OptionSpec("desirable_weight", 1.0, "Weight lambda_D of the desirable completions' losses.", click.FloatRange(min=0.0, min_open=True)),
+                OptionSpec("undesirable_weight", 1.0, "Weight lambda_U of the undesirable completions' losses.", click.FloatRange(min=0.0, min_open=True)),
+                OptionSpec("ref_model", "", "A model folder to use as the reference instead of the starting weights."),
+            ),
         ),
     ]
