@@ -47,4 +47,38 @@ def tunesmith_register_trainers():
                 OptionSpec("ref_model", "", "A model folder to use as the reference instead of the starting weights."),
             ),
         ),
+        # Reference-free preference objectives: the policy's own scores only, one forward pass a batch.
+        TrainerSpec(
+            name="orpo",
+            trainer="tunesmith_trainers.orpo:ORPOTrainer",
+            description="odds ratio preference optimisation: chosen NLL plus an odds-ratio term, no reference model",
+            row_formats=PAIRED_PREFERENCE_FORMATS,
+            options=(
+                OptionSpec("orpo_lambda", 0.1, "Weight of the odds-ratio term against the chosen NLL (TRL's beta).", click.FloatRange(min=0.0, min_open=True)),
+            ),
+        ),
+        TrainerSpec(
+            name="simpo",
+            trainer="tunesmith_trainers.simpo:SimPOTrainer",
+            description="simple preference optimisation: length-normalised rewards with a target margin, no reference model",
+            row_formats=PAIRED_PREFERENCE_FORMATS,
+            options=(
+                OptionSpec("beta", 2.0, "Scale of the length-normalised reward beta * mean log-probability.", click.FloatRange(min=0.0, min_open=True)),
+                OptionSpec("gamma", 0.5, "Target reward margin of the chosen over the rejected response (TRL's simpo_gamma).", click.FloatRange(min=0.0)),
+                OptionSpec("label_smoothing", 0.0, "The share of pairs assumed mislabelled.", click.FloatRange(min=0.0, max=0.5, max_open=True)),
+                OptionSpec("cpo_alpha", 0.0, "Weight of the chosen responses' negative log-likelihood added to the loss (CPO-SimPO); 0 is off.", click.FloatRange(min=0.0)),
+            ),
+        ),
+        TrainerSpec(
+            name="cpo",
+            trainer="tunesmith_trainers.cpo:CPOTrainer",
+            description="contrastive preference optimisation: DPO's loss without a reference model, plus the chosen NLL",
+            row_formats=PAIRED_PREFERENCE_FORMATS,
+            options=(
+                OptionSpec("loss_type", "sigmoid", "The preference loss: sigmoid (CPO), hinge (SLiC) or ipo (IPO, on per-token means).", click.Choice(("sigmoid", "hinge", "ipo"))),
+                OptionSpec("beta", 0.1, "Temperature of the implicit reward beta * log-probability.", click.FloatRange(min=0.0, min_open=True)),
+                OptionSpec("label_smoothing", 0.0, "The share of pairs assumed mislabelled (sigmoid loss only).", click.FloatRange(min=0.0, max=0.5, max_open=True)),
+                OptionSpec("cpo_alpha", 1.0, "Weight of the chosen responses' negative log-likelihood (behaviour cloning); 0 is off.", click.FloatRange(min=0.0)),
+            ),
+        ),
     ]
