@@ -43,6 +43,7 @@ _LAZY = {
     "tokenize_text": "tunesmith.data.tokenize",
     "tokenize_prompt_and_responses": "tunesmith.data.tokenize",
     "sequence_logps": "tunesmith.losses",
+    "sequence_scores": "tunesmith.models",
     "collate_causal": "tunesmith.data.collate",
     "causal_lm_loss": "tunesmith.losses",
     "create_plugin_manager": "tunesmith.plugins",
@@ -61,6 +62,7 @@ if TYPE_CHECKING:
     from tunesmith.data.types import IGNORE_INDEX, Example, Sample
     from tunesmith.device import Device
     from tunesmith.losses import causal_lm_loss, sequence_logps
+    from tunesmith.models import sequence_scores
     from tunesmith.plugins import create_plugin_manager
     from tunesmith.strategy import StepOutcome, Strategy
     from tunesmith.trainer import LossOutput, Trainer, TrainerContext
@@ -115,4 +117,5 @@ __all__ = [
     "tokenize_prompt_and_responses",
     "tokenize_text",
     "sequence_logps",
+    "sequence_scores",
 ]

@@ -14,6 +14,7 @@ from tunesmith.commands.env import env_command
 from tunesmith.commands.export import export_command
 from tunesmith.commands.infer import infer_command
 from tunesmith.commands.plugins import plugins_command
+from tunesmith.commands.score import score_command
 from tunesmith.commands.verify import verify_command
 from tunesmith.errors import TunesmithError
 from tunesmith.failure import leave_for_launcher, process_rank, unexpected_error_message, write_traceback
@@ -24,6 +25,7 @@ BUILTIN_COMMANDS = {
     "devices": devices_command,
     "infer": infer_command,
     "export": export_command,
+    "score": score_command,
     "verify": verify_command,
 }
 

@@ -106,10 +106,12 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
     with strategy.model_init_context() as empty:
         model = load_model(
             plan.model_path, config.trust_remote_code, empty=empty, attn_implementation=device.attention_implementation(),
-            quantization_config=quantization,
+            quantization_config=quantization, model_kind=trainer_record.spec.model_kind, pad_token_id=tokenizer.pad_token_id,
         )
     model = device.prepare_model(model)
-    model = apply_adapter(model, config.adapter, config.lora_rank, config.lora_alpha, config.lora_dropout, config.target_modules)
+    model = apply_adapter(
+        model, config.adapter, config.lora_rank, config.lora_alpha, config.lora_dropout, config.target_modules, trainer_record.spec.model_kind
+    )
     if config.gradient_checkpointing:
         enable_activation_checkpointing(model)
     trainable = sum(parameter_size(p) for p in model.parameters() if p.requires_grad)

@@ -123,32 +123,45 @@ def load_model(
     empty: bool = False,
     attn_implementation: str = "sdpa",
     quantization_config: Any = None,
+    model_kind: str = "causal_lm",
+    pad_token_id: int | None = None,
 ):
     """The model in ``model_path``; ``empty`` builds it on the meta device from its config alone, reading no weights.
 
     ``quantization_config`` (from the device, for QLoRA) loads the weights quantised.
+    ``model_kind`` ``sequence_classification`` loads it with a one-output score head (new
+    unless the folder holds one) instead of its language-model head; ``pad_token_id`` (the
+    tokenizer's) goes into its config, as transformers requires for batches.
 
     Its ``name_or_path``, which peft records as an adapter's ``base_model_name_or_path``, is
     :func:`known_as` ``model_path``.
     """
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     dtype = dtype or torch.float32
+    auto_class = AutoModelForCausalLM
+    head = {}
+    if model_kind == "sequence_classification":
+        auto_class = AutoModelForSequenceClassification
+        head = {"num_labels": 1, **({"pad_token_id": pad_token_id} if pad_token_id is not None else {})}
+    elif model_kind != "causal_lm":
+        raise ConfigError(f"unknown model kind {model_kind!r}: expected causal_lm or sequence_classification")
     try:
         if empty:
-            config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+            config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code, **head)
             with torch.device("meta"):
-                model = AutoModelForCausalLM.from_config(
+                model = auto_class.from_config(
                     config, dtype=dtype, trust_remote_code=trust_remote_code, attn_implementation=attn_implementation
                 )
         else:
-            model = AutoModelForCausalLM.from_pretrained(
+            model = auto_class.from_pretrained(
                 model_path,
                 dtype=dtype,
                 trust_remote_code=trust_remote_code,
                 attn_implementation=attn_implementation,
                 quantization_config=quantization_config,
+                **head,
             )
     except (OSError, ValueError) as error:
         raise ConfigError(f"--model {model_path}: could not load the model ({error})") from error
@@ -163,8 +176,12 @@ def apply_adapter(
     lora_alpha: int = 16,
     lora_dropout: float = 0.05,
     target_modules: str = "all-linear",
+    model_kind: str = "causal_lm",
 ):
-    """Wrap ``model`` for training: ``lora``/``dora`` through peft (``qlora``: on its quantised weights), ``full`` trains every weight."""
+    """Wrap ``model`` for training: ``lora``/``dora`` through peft (``qlora``: on its quantised weights), ``full`` trains every weight.
+
+    For a ``sequence_classification`` model peft also trains (and saves) the whole score head.
+    """
     if adapter == "full":
         model.requires_grad_(True)
         return model
@@ -180,12 +197,39 @@ def apply_adapter(
         lora_dropout=lora_dropout,
         target_modules=modules,
         use_dora=adapter == "dora",
-        task_type="CAUSAL_LM",
+        task_type="SEQ_CLS" if model_kind == "sequence_classification" else "CAUSAL_LM",
     )
     try:
         return get_peft_model(model, config)
     except ValueError as error:
         raise ConfigError(f"--target-modules {target_modules}: {error}") from error
+
+
+def sequence_scores(model, batch: dict[str, Any]) -> torch.Tensor:
+    """A sequence-classification model's score of every sample in a causal batch, (N,) in fp32.
+
+    A sample's score is the score head's output at its last token. transformers' own pooling
+    picks each row's last token that is not the pad token, which misses a sequence ending in
+    that token (often the end-of-turn token) and every sample of a packed row, so the head's
+    output for every position is taken from a forward hook and gathered at the last position of
+    each sample in ``batch["sample_ids"]`` (:func:`tunesmith.data.collate.collate_causal`).
+    The call goes through the top-level module, so that peft and DDP/FSDP wrappers see it.
+    """
+    import torch
+
+    head = next((module for name, module in model.named_modules() if name.rsplit(".", 1)[-1] == "score"), None)
+    if head is None:
+        raise ConfigError("the model has no score head (a module named 'score'); load it as a sequence-classification model")
+    captured = []
+    handle = head.register_forward_hook(lambda module, inputs, output: captured.append(output))
+    try:
+        model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    finally:
+        handle.remove()
+    sample_ids = batch["sample_ids"]
+    following = torch.nn.functional.pad(sample_ids[:, 1:], (0, 1), value=-1)
+    last = (sample_ids != -1) & (sample_ids != following)  # row-major: sample 0, 1, ... in order
+    return captured[-1][..., 0][last].float()
 
 
 def load_for_inference(model: str, runtime: Runtime, adapter_path: Path | None = None, trust_remote_code: bool = False):

@@ -158,6 +158,10 @@ class StrategySpec:
         return load_object(self.strategy)
 
 
+#: the kinds of model a trainer may train (:attr:`TrainerSpec.model_kind`)
+MODEL_KINDS = ("causal_lm", "sequence_classification")
+
+
 @dataclass(frozen=True)
 class TrainerSpec:
     """A training objective: ``trainer`` is a :class:`tunesmith.trainer.Trainer` subclass or its path.
@@ -165,7 +169,8 @@ class TrainerSpec:
     ``row_formats`` are the dataset formats it reads (:class:`tunesmith.RowFormat`; empty means
     the conversation and text formats ``sft`` reads). ``options`` are its own
     :class:`OptionSpec` flags and YAML keys, offered by its command only; it reads their values
-    as ``self.options``.
+    as ``self.options``. ``model_kind`` is the model the engine loads for it: ``causal_lm`` (a
+    language-model head) or ``sequence_classification`` (one score per sequence, as a reward model).
     """
 
     name: str
@@ -173,9 +178,12 @@ class TrainerSpec:
     description: str = ""
     row_formats: tuple[Any, ...] = ()
     options: tuple[OptionSpec, ...] = ()
+    model_kind: str = "causal_lm"
 
     def __post_init__(self):
         validate_name("trainer", self.name)
+        if self.model_kind not in MODEL_KINDS:
+            raise PluginError(f"trainer {self.name!r}: model_kind {self.model_kind!r}: expected one of {', '.join(MODEL_KINDS)}")
 
     def load(self):
         return load_object(self.trainer)

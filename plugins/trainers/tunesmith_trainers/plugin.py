@@ -47,6 +47,13 @@ def tunesmith_register_trainers():
                 OptionSpec("ref_model", "", "A model folder to use as the reference instead of the starting weights."),
             ),
         ),
+        TrainerSpec(
+            name="rm",
+            trainer="tunesmith_trainers.rm:RewardModelTrainer",
+            description="reward model on chosen/rejected pairs (Bradley-Terry, optional per-pair 'margin'); a score head on the base",
+            row_formats=PAIRED_PREFERENCE_FORMATS,
+            model_kind="sequence_classification",
+        ),
         # Reference-free preference objectives: the policy's own scores only, one forward pass a batch.
         TrainerSpec(
             name="orpo",
