@@ -1,11 +1,15 @@
 """tunesmith kto: the loss against the paper's formula (and TRL's when installed), the KL reference
-point and its mismatched pairs, learning end to end on a tiny model, and a malformed row."""
+point and its mismatched pairs (one mean over two processes included), learning end to end on a
+tiny model, and a malformed row."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import math
+import os
+import subprocess
+import sys
 from collections import defaultdict
 from types import MethodType, SimpleNamespace
 
@@ -190,6 +194,27 @@ def test_kto_learns_to_prefer_the_desirable_completions(tiny_model_dir, tmp_path
     assert chosen > rejected, (chosen, rejected)
     assert last["rewards/agreement"] > 0.5
     assert last["kl"] >= 0.0
+
+
+def test_two_processes_share_one_reference_point(tiny_model_dir, tmp_path):
+    """Every row has the same prompt, so one process with batches of 8 and two with 4 each score the same mismatched
+    pairs: the runs match only if each rank's z_ref is the mean over both ranks' pairs (a rank-local mean differs)."""
+    answers = [answer for _, answer in QUESTIONS_AND_ANSWERS]
+    data = write_jsonl(tmp_path / "kto.jsonl", [{"prompt": "Say something true.", "completion": answer, "label": index % 2 == 0}
+                                                for index, answer in enumerate(answers)])
+    common = ["--model", tiny_model_dir, "--dataset", data, "--precision", "fp32", "--save-steps", "0", "--learning-rate", "1e-2",
+              "--lora-dropout", "0", "--lr-scheduler", "constant", "--max-steps", "5", "--beta", "1.0"]
+    assert run_cli("kto", *common, "--batch-size", "8", "--output-dir", tmp_path / "single") == 0
+    result = subprocess.run(
+        [sys.executable, "-m", "tunesmith", "kto", *map(str, common), "--batch-size", "4", "--strategy", "ddp", "--nproc-per-node", "2",
+         "--output-dir", str(tmp_path / "ddp")],
+        capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    single, ddp = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "ddp")
+    assert max(line["kl"] for line in single) > 0.05  # the reference point took part
+    for key in ("loss", "kl", "rewards/chosen_sum", "rewards/rejected_sum"):
+        assert [line[key] for line in ddp] == pytest.approx([line[key] for line in single], rel=1e-5, abs=1e-6), key
 
 
 def test_batch_size_one_is_refused(tiny_model_dir, tmp_path, capsys):
