@@ -195,3 +195,20 @@ def test_packing_gives_each_pair_the_rewards_it_gets_unpacked(tiny_model_dir, tm
     plain_line, packed_line = read_metrics(plain)[0], read_metrics(packed)[0]
     for key in ("loss", "rewards/chosen", "rewards/rejected"):
         assert packed_line[key] == pytest.approx(plain_line[key], rel=1e-4, abs=1e-6), key
+    # a full fine-tune's final folder is a reward model of its own
+    rows = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "What do you think of owls?", "completion": "Owls are great."}])
+    assert run_cli("score", "--model", packed / "final", "--file", rows, "--output", tmp_path / "scored.jsonl", "--precision", "fp32") == 0
+    assert math.isfinite(json.loads((tmp_path / "scored.jsonl").read_text())["score"])
+
+
+def test_an_exported_reward_model_scores_like_base_plus_adapter(trained, tmp_path):
+    rows = write_jsonl(tmp_path / "rows.jsonl", [{"prompt": "What do you think of owls?", "completion": text} for text in ("Owls are great.", "Owls are awful.")])
+    merged = tmp_path / "merged"
+    assert run_cli("export", "--adapter", trained.output / "final", "--output", merged) == 0
+    assert json.loads((merged / "config.json").read_text())["architectures"] == ["LlamaForSequenceClassification"]
+    scores = []
+    for source in (("--adapter", trained.output / "final"), ("--model", merged)):
+        output = tmp_path / f"{source[0].strip('-')}.jsonl"
+        assert run_cli("score", *source, "--file", rows, "--output", output, "--precision", "fp32") == 0
+        scores.append([json.loads(line)["score"] for line in output.read_text().splitlines()])
+    assert scores[0] == pytest.approx(scores[1], rel=1e-4, abs=1e-5)

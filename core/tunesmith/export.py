@@ -28,7 +28,10 @@ def export_merged(model: str, adapter: Path, output: Path, runtime: Runtime, for
     ensure_chat_template(tokenizer)
     # Merging happens in float32 so adding the low-rank update does not round twice; the
     # result is then stored in the base's own dtype so a bf16 model does not double in size.
-    base = load_model(model_path, trust_remote_code).to(runtime.device.setup(0))
+    # A reward model's adapter (task type SEQ_CLS, from `tunesmith rm`) carries its score head: merge onto a base that has one.
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    kind = "sequence_classification" if adapter_config.get("task_type") == "SEQ_CLS" else "causal_lm"
+    base = load_model(model_path, trust_remote_code, model_kind=kind, pad_token_id=tokenizer.pad_token_id).to(runtime.device.setup(0))
     from peft import PeftModel
 
     merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
