@@ -22,11 +22,13 @@ strategy), so all ranks use the same baseline; it is a constant of the loss. Dif
 TRL: TRL averages the ranks' means, this is the mean over all pairs (the same when ranks hold
 equal counts); and a micro-batch of one completion has no mismatched pair, so it adds nothing
 to the estimate (on one process, ``z_ref`` is then 0). ``--batch-size 1`` is refused for that
-reason. A zero-weight filler micro-batch (a rank whose share of a step ran out) still adds its
-pairs to the estimate of that micro-batch.
+reason. The zero-weight filler micro-batch a rank runs when its share of a step has run out is
+one row: unpacked it holds one completion and adds nothing, but a packed filler row adds its
+pairs to that micro-batch's estimate.
 
-The KL pairs cost a forward pass of the policy and one of the reference on top of the two a
-paired objective needs; their tokens are not counted in ``num_tokens``.
+The KL pairs cost a forward pass of the policy and one of the reference on top of the two the
+completions need; their tokens are not counted in ``num_tokens``. They are laid out in the same
+rows as the completions, so a packed row of them may run a little past ``--max-length``.
 
 **Metrics.** The engine divides every metric by the step's completions (over all ranks), so
 each is logged as a sum whose per-completion value means something:
