@@ -1,0 +1,223 @@
+"""``tunesmith dpo``: agreement with TRL, exact packing, no second copy of the weights under LoRA,
+learning, crash-safe resume and bad preference rows.
+
+The numerical reference is TRL's own ``DPOTrainer`` (a test-only dependency) run on the same
+model weights and the same token ids: its collator, its forward pass (attention mask and
+padding, where ours packs with position restarts), its loss code and autograd. Nothing is
+compared with numbers written down by hand; only thresholds are.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from tests.helpers import cpu_device
+from tunesmith.data.examples import PAIRED_PREFERENCE_FORMATS, read_examples
+from tunesmith.data.tokenize import ensure_chat_template
+from tunesmith.losses import sequence_logps
+from tunesmith.models import apply_adapter, load_model, load_tokenizer
+from tunesmith.plugins import create_plugin_manager
+from tunesmith.reference import ReferenceModel
+from tunesmith.strategy import SingleDeviceStrategy
+from tunesmith.trainer import TrainerContext
+from tunesmith_trainers.dpo import DPOTrainer
+from tunesmith_trainers.plugin import DPO_OPTIONS
+
+# Responses of different lengths (so padding and per-token averages matter), prompts as a string,
+# as messages with a system turn, and multi-turn.
+PAIRS = [
+    {"prompt": "Capital of France?", "chosen": "Paris.", "rejected": "Rome, I think."},
+    {
+        "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Count to three."}],
+        "chosen": [{"role": "assistant", "content": "1, 2, 3."}],
+        "rejected": [{"role": "assistant", "content": "3, 2, 1, 0 and then more numbers."}],
+    },
+    {
+        "prompt": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": "Say yes."},
+        ],
+        "chosen": "Yes.",
+        "rejected": "No, I would rather not.",
+    },
+]
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+def dpo_options(**chosen) -> dict:
+    return {**{spec.name: spec.default for spec in DPO_OPTIONS}, **chosen}
+
+
+def our_trainer(model_dir, options: dict, reference_copy=None) -> DPOTrainer:
+    """The DPO trainer set up as the engine sets it up (``engine._train``), on the cpu device in fp32."""
+    tokenizer = load_tokenizer(model_dir)
+    ensure_chat_template(tokenizer)
+    trainer = DPOTrainer(tokenizer)
+    trainer.name = "dpo"
+    strategy = SingleDeviceStrategy(cpu_device(), "fp32")
+    strategy.setup_environment()
+
+    def make_reference(path):
+        return ReferenceModel(strategy, shares_weights=reference_copy is None and path is None, load_copy=reference_copy)
+
+    trainer.setup(TrainerContext(strategy, strategy.device, "fp32", create_plugin_manager(), options, make_reference))
+    return trainer
+
+
+def our_pairs(trainer, path):
+    return [trainer.prepare(example) for example in read_examples(path, formats=PAIRED_PREFERENCE_FORMATS)]
+
+
+def perturb(model, scale: float, seed: int) -> None:
+    """Add seeded noise to every trainable weight."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, parameter in sorted(model.named_parameters()):
+            if parameter.requires_grad:
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
+
+
+LOSS_CASES = {
+    "sigmoid": dict(loss_type="sigmoid", beta=0.1),
+    "sigmoid-label-smoothing": dict(loss_type="sigmoid", beta=0.1, label_smoothing=0.2),
+    "robust-label-smoothing": dict(loss_type="robust", beta=0.1, label_smoothing=0.2),
+    "hinge": dict(loss_type="hinge", beta=0.1),
+    "ipo": dict(loss_type="ipo", beta=0.5),
+    "sigmoid-rpo": dict(loss_type="sigmoid", beta=0.1, rpo_alpha=0.7),
+}
+
+
+def trl_trainer(model_dir, tmp_path, policy, reference, peft_config):
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import DPOConfig
+    from trl import DPOTrainer as TRLDPOTrainer
+
+    args = DPOConfig(output_dir=str(tmp_path / "trl"), bf16=False, fp16=False, gradient_checkpointing=False, use_cpu=True,
+                     report_to="none", disable_dropout=True, seed=0)
+    # TRL tokenizes this itself; it is only needed to build the trainer: the inputs compared are our ids.
+    dataset = Dataset.from_list([{
+        "prompt": [{"role": "user", "content": "x"}], "chosen": [{"role": "assistant", "content": "y"}],
+        "rejected": [{"role": "assistant", "content": "z"}],
+    }])
+    return TRLDPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=dataset,
+                         processing_class=AutoTokenizer.from_pretrained(model_dir), peft_config=peft_config)
+
+
+def configure_trl(trainer, options: dict) -> float:
+    """Set the loss attributes TRL's ``__init__`` takes from its ``DPOConfig`` (building one trainer per
+    loss costs seconds); returns the label smoothing to apply to the sigmoid loss by flipping pairs.
+
+    TRL 1.16 has no label smoothing on the sigmoid loss. Conservative DPO is by definition the
+    sigmoid loss on pairs flipped with probability eps: (1 - eps) L(pairs) + eps L(swapped pairs),
+    both computed by TRL. RPO in TRL is the sigmoid loss plus its "sft" loss (mean NLL of the
+    chosen tokens) weighted by alpha.
+    """
+    trainer.beta = options["beta"]
+    trainer.loss_types, trainer.loss_weights = [options["loss_type"]], [1.0]
+    if options["rpo_alpha"]:
+        trainer.loss_types, trainer.loss_weights = [options["loss_type"], "sft"], [1.0, options["rpo_alpha"]]
+    trainer.label_smoothing = options["label_smoothing"] if options["loss_type"] == "robust" else 0.0
+    return options["label_smoothing"] if options["loss_type"] == "sigmoid" else 0.0
+
+
+def trl_inputs(trainer, pairs, swapped=False):
+    return trainer.data_collator([
+        {"prompt_ids": pair.prompt_ids, "chosen_ids": pair.rejected_ids if swapped else pair.chosen_ids,
+         "rejected_ids": pair.chosen_ids if swapped else pair.rejected_ids}
+        for pair in pairs
+    ])
+
+
+def trl_metrics(trainer) -> dict[str, float]:
+    """What TRL's last ``compute_loss`` logged: means over the batch's pairs."""
+    return {key: values[-1] for key, values in trainer._metrics["train"].items()}
+
+
+@pytest.mark.parametrize(
+    ("adapter", "cases"),
+    # The losses are the same code for both; full fine-tuning checks the other reference (a frozen copy).
+    [("lora", list(LOSS_CASES)), ("full", ["sigmoid"])],
+)
+def test_logps_losses_and_gradients_equal_trl(tiny_model_dir, tmp_path, adapter, cases):
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+
+    def base():
+        return load_model(tiny_model_dir, attn_implementation="sdpa")
+
+    # Ours: the policy as the engine builds it; the reference is its base with the adapter off
+    # (LoRA), or a frozen copy of the starting weights (full fine-tuning), as the engine decides.
+    policy = apply_adapter(base(), adapter, lora_rank=4, lora_alpha=8, lora_dropout=0.0)
+    trainer = our_trainer(tiny_model_dir, dpo_options(), reference_copy=base if adapter == "full" else None)
+    pairs = our_pairs(trainer, data)
+    batch = trainer.collate([[pair] for pair in pairs])
+
+    # TRL: the same weights, its own reference handling (a new adapter disabled, or the ref_model given).
+    if adapter == "lora":
+        theirs = trl_trainer(tiny_model_dir, tmp_path, base(), None, copy.deepcopy(policy.peft_config["default"]))
+    else:
+        theirs = trl_trainer(tiny_model_dir, tmp_path, base(), base(), None)
+    # The policy leaves the reference: new weights for the adapter (or every weight), the same on both sides.
+    perturb(policy, 0.2 if adapter == "lora" else 0.01, seed=1)
+    trained = {name: p for name, p in policy.named_parameters() if p.requires_grad}
+    their_trained = {name: p for name, p in theirs.model.named_parameters() if p.requires_grad}
+    assert their_trained.keys() == trained.keys()
+    with torch.no_grad():
+        for name, parameter in their_trained.items():
+            parameter.copy_(trained[name])
+    policy.train()
+    theirs.model.train()
+
+    # (a) Each sequence's log-probability under the policy and the reference: ours from the function
+    # compute_loss uses, TRL's from what its loss logs for each pair alone.
+    with torch.no_grad():
+        ours_logps, _ = sequence_logps(policy, batch, 2 * len(pairs))
+        with trainer.reference(policy) as reference:
+            ours_reference_logps, _ = sequence_logps(reference, batch, 2 * len(pairs))
+        configure_trl(theirs, dpo_options(beta=1.0))
+        for index, pair in enumerate(pairs):
+            theirs.compute_loss(theirs.model, trl_inputs(theirs, [pair]))
+            alone = trl_metrics(theirs)
+            for side, position in (("chosen", batch["chosen_index"][index]), ("rejected", batch["rejected_index"][index])):
+                assert float(ours_logps[position]) == pytest.approx(alone[f"logps/{side}"], abs=1e-5, rel=1e-6)
+                their_reference_logp = alone[f"logps/{side}"] - alone[f"rewards/{side}"]  # rewards are logp - ref logp at beta 1
+                assert float(ours_reference_logps[position]) == pytest.approx(their_reference_logp, abs=1e-5, rel=1e-6)
+    # The comparison means something only if the reference really differs from the policy.
+    assert (ours_logps - ours_reference_logps).abs().min() > 0.01
+
+    for case in cases:
+        options = dpo_options(**LOSS_CASES[case])
+        trainer.context.options.update(options)
+        eps = configure_trl(theirs, options)
+        policy.zero_grad()
+        theirs.model.zero_grad()
+
+        # (b) Ours through the trainer, collate -> compute_loss, per pair as the engine normalises it.
+        output = trainer.compute_loss(policy, batch)
+        ours_loss = output.loss / trainer.count_items(batch)
+        ours_loss.backward()
+        their_loss = theirs.compute_loss(theirs.model, trl_inputs(theirs, pairs))
+        their_metrics = trl_metrics(theirs)
+        if eps:
+            their_loss = (1 - eps) * their_loss + eps * theirs.compute_loss(theirs.model, trl_inputs(theirs, pairs, swapped=True))
+        their_loss.backward()
+
+        torch.testing.assert_close(ours_loss.detach(), their_loss.detach(), rtol=0, atol=1e-5, msg=case)
+        # Metrics: log-probabilities are sums of about a hundred in fp32, good to about 1e-6 relative.
+        scale = float(ours_logps.abs().max())
+        for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"):
+            tolerance = 1e-6 * scale * (options["beta"] if key.startswith("rewards/") else 1.0)
+            assert output.metrics[key] / len(pairs) == pytest.approx(their_metrics[key], abs=max(tolerance, 1e-5)), (case, key)
+        # (c) The gradient of every trained weight.
+        for name, parameter in trained.items():
+            torch.testing.assert_close(parameter.grad, their_trained[name].grad, rtol=1e-5, atol=1e-5, msg=f"{case}: {name}")
