@@ -10,17 +10,26 @@ compared with numbers written down by hand; only thresholds are.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
+from contextlib import contextmanager
 
 import pytest
 import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from tests.helpers import cpu_device
+from tests.helpers import cpu_device, read_metrics, run_cli
+from tunesmith.config import TrainConfig
 from tunesmith.data.examples import PAIRED_PREFERENCE_FORMATS, read_examples
+from tunesmith.data.packing import pack
 from tunesmith.data.tokenize import ensure_chat_template
+from tunesmith.engine import train
+from tunesmith.hooks import hookimpl
 from tunesmith.losses import sequence_logps
 from tunesmith.models import apply_adapter, load_model, load_tokenizer
 from tunesmith.plugins import create_plugin_manager
+from tunesmith.records import TrainerSpec
 from tunesmith.reference import ReferenceModel
 from tunesmith.strategy import SingleDeviceStrategy
 from tunesmith.trainer import TrainerContext
@@ -157,6 +166,7 @@ def test_logps_losses_and_gradients_equal_trl(tiny_model_dir, tmp_path, adapter,
 
     # Ours: the policy as the engine builds it; the reference is its base with the adapter off
     # (LoRA), or a frozen copy of the starting weights (full fine-tuning), as the engine decides.
+    torch.manual_seed(0)  # the adapter's initial weights
     policy = apply_adapter(base(), adapter, lora_rank=4, lora_alpha=8, lora_dropout=0.0)
     trainer = our_trainer(tiny_model_dir, dpo_options(), reference_copy=base if adapter == "full" else None)
     pairs = our_pairs(trainer, data)
@@ -221,3 +231,139 @@ def test_logps_losses_and_gradients_equal_trl(tiny_model_dir, tmp_path, adapter,
         # (c) The gradient of every trained weight.
         for name, parameter in trained.items():
             torch.testing.assert_close(parameter.grad, their_trained[name].grad, rtol=1e-5, atol=1e-5, msg=f"{case}: {name}")
+
+
+@pytest.mark.parametrize("case", ["sigmoid-rpo", "ipo"])
+def test_a_packed_batch_has_the_loss_and_gradients_of_the_unpacked_one(tiny_model_dir, tmp_path, case):
+    trainer = our_trainer(tiny_model_dir, dpo_options(**LOSS_CASES[case]))
+    pairs = our_pairs(trainer, write_jsonl(tmp_path / "pairs.jsonl", PAIRS))
+    torch.manual_seed(0)  # the adapter's initial weights
+    policy = apply_adapter(load_model(tiny_model_dir, attn_implementation="sdpa"), "lora", lora_rank=4, lora_alpha=8, lora_dropout=0.0)
+    perturb(policy, 0.2, seed=1)
+    rows = pack(pairs, max_length=2 * max(len(pair) for pair in pairs))
+    # The check means something only if a row holds several pairs side by side, and rows differ in length.
+    assert any(len(row) > 1 for row in rows) and len({sum(len(pair) for pair in row) for row in rows}) > 1
+
+    def step(rows):
+        policy.zero_grad()
+        batch = trainer.collate(rows)
+        output = trainer.compute_loss(policy, batch)
+        (output.loss / trainer.count_items(batch)).backward()
+        grads = {name: p.grad.clone() for name, p in policy.named_parameters() if p.requires_grad}
+        return output.loss.detach() / trainer.count_items(batch), output.metrics, grads
+
+    packed_loss, packed_metrics, packed_grads = step(rows)
+    # The same pairs unpacked, in the order the packed rows hold them (the metrics are sums over pairs).
+    plain_loss, plain_metrics, plain_grads = step([[pair] for row in rows for pair in row])
+    torch.testing.assert_close(packed_loss, plain_loss, rtol=0, atol=1e-5)
+    assert packed_metrics == pytest.approx(plain_metrics, abs=1e-4)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
+class StorageProbeDPO(DPOTrainer):
+    """The built-in DPO trainer, recording what its reference pass reads.
+
+    For every reference pass: the storages of all tensors held by the policy and by the module
+    the pass runs, and the storage of every tensor an operation of the pass reads.
+    """
+
+    passes: list = []
+
+    def setup(self, context):
+        super().setup(context)
+        self.real_reference = self.reference
+        self.reference = self._recording_reference
+
+    @contextmanager
+    def _recording_reference(self, policy):
+        with self.real_reference(policy) as reference, ReadStorages() as reads:
+            yield reference
+        StorageProbeDPO.passes.append({
+            "reference_is_policy": reference is policy,
+            "policy": storages(policy),
+            "reference": storages(reference),
+            "read": reads.storages,
+            "base_weights": {p.untyped_storage().data_ptr() for name, p in policy.named_parameters() if "lora_" not in name},
+            "adapter_weights": {p.untyped_storage().data_ptr() for name, p in policy.named_parameters() if "lora_" in name},
+            "copy_loaded": self.real_reference._copy is not None,
+        })
+
+
+class ReadStorages(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.storages: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for value in pytree.tree_leaves((args, kwargs or {})):
+            if isinstance(value, torch.Tensor):
+                self.storages.add(value.untyped_storage().data_ptr())
+        return func(*args, **(kwargs or {}))
+
+
+def storages(module) -> set[int]:
+    return {tensor.untyped_storage().data_ptr() for tensor in itertools.chain(module.parameters(), module.buffers())}
+
+
+class ProbePlugin:
+    @hookimpl
+    def tunesmith_register_trainers(self):
+        return [TrainerSpec(name="dpo-probe", trainer=StorageProbeDPO, row_formats=PAIRED_PREFERENCE_FORMATS, options=DPO_OPTIONS)]
+
+
+@pytest.mark.parametrize("adapter", ["lora", "full"])
+def test_lora_dpo_holds_no_second_copy_of_the_weights(tiny_model_dir, tmp_path, adapter):
+    StorageProbeDPO.passes = []
+    manager = create_plugin_manager()
+    manager.register(ProbePlugin(), "dpo-probe")
+    data = write_jsonl(tmp_path / "pairs.jsonl", PAIRS)
+    config = TrainConfig(model=str(tiny_model_dir), dataset=(str(data),), output_dir=str(tmp_path / "run"), adapter=adapter,
+                         precision="fp32", batch_size=3, max_steps=1, save_steps=0)
+    train("dpo-probe", config, manager=manager)
+    (seen,) = StorageProbeDPO.passes
+    if adapter == "lora":
+        # The reference is the policy itself with its adapter off: every tensor it holds is the
+        # policy's; its pass reads the policy's own base weights and none of the adapter's.
+        assert seen["reference_is_policy"] and not seen["copy_loaded"]
+        assert seen["reference"] == seen["policy"]
+        assert seen["base_weights"] <= seen["read"]
+        assert not seen["adapter_weights"] & seen["read"]
+    else:
+        # Full fine-tuning needs a frozen copy: the probe tells the two apart.
+        assert not seen["reference_is_policy"] and seen["copy_loaded"]
+        assert not seen["reference"] & seen["policy"]
+        assert not seen["base_weights"] & seen["read"]
+
+
+TOPICS = ["rain", "bread", "trains", "music", "cats", "rivers", "stars", "tea", "chess", "boats", "snow", "honey",
+          "clocks", "maps", "bees", "glass", "wolves", "paper", "salt", "bridges", "owls", "ink", "caves", "kites"]
+
+
+def preference_rows(topics: list[str]) -> list[dict]:
+    """Kind answers preferred to rude ones, alike up to their last words: a pattern that carries over to unseen prompts."""
+    return [
+        {"prompt": f"Tell me about {topic}.", "chosen": f"Here is a note about {topic}: they are lovely.",
+         "rejected": f"Here is a note about {topic}: they are awful."}
+        for topic in topics
+    ]
+
+
+def test_dpo_learns_held_out_preferences(tiny_model_dir, tmp_path):
+    train_data = write_jsonl(tmp_path / "train.jsonl", preference_rows(TOPICS[:18]))
+    held_out = write_jsonl(tmp_path / "eval.jsonl", preference_rows(TOPICS[18:]))
+    output = tmp_path / "run"
+    # There is no evaluation before the first step, so the first step has learning rate 0 (one
+    # warm-up step: the rate rises from 0): the evaluation after it sees the starting weights,
+    # where the policy is its reference, every reward is 0 and no chosen response wins (a tie
+    # is no win, as in TRL). Then evaluations after every step of the constant rate.
+    code = run_cli("dpo", "--model", tiny_model_dir, "--dataset", train_data, "--eval-dataset", held_out, "--output-dir", output,
+                   "--max-steps", "8", "--batch-size", "6", "--learning-rate", "5e-3", "--lr-scheduler", "constant",
+                   "--warmup-steps", "1", "--eval-steps", "1", "--save-steps", "0", "--precision", "fp32", "--beta", "0.1")
+    assert code == 0
+    evaluations = [line for line in read_metrics(output) if "eval_rewards/accuracies" in line]
+    first, last = evaluations[0], evaluations[-1]
+    assert first["step"] == 1 and first["eval_rewards/margins"] == 0.0
+    assert first["eval_rewards/accuracies"] <= 0.7
+    assert last["eval_rewards/accuracies"] > 0.9
+    assert last["eval_rewards/margins"] > 0 and last["eval_loss"] < first["eval_loss"]
