@@ -12,6 +12,12 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from contextlib import contextmanager
 
 import pytest
@@ -19,7 +25,7 @@ import torch
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tests.helpers import cpu_device, read_metrics, run_cli
+from tests.helpers import adapter_weights, cpu_device, read_metrics, run_cli
 from tunesmith.config import TrainConfig
 from tunesmith.data.examples import PAIRED_PREFERENCE_FORMATS, read_examples
 from tunesmith.data.packing import pack
@@ -367,3 +373,75 @@ def test_dpo_learns_held_out_preferences(tiny_model_dir, tmp_path):
     assert first["eval_rewards/accuracies"] <= 0.7
     assert last["eval_rewards/accuracies"] > 0.9
     assert last["eval_rewards/margins"] > 0 and last["eval_loss"] < first["eval_loss"]
+
+
+@pytest.mark.slow  # about 20 s: a subprocess start and three runs
+def test_sigkill_then_rerun_is_bit_identical(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", preference_rows(TOPICS[:12]))
+
+    def command(output):
+        return ["dpo", "--model", str(tiny_model_dir), "--dataset", str(data), "--output-dir", str(output), "--max-steps", "30",
+                "--save-steps", "2", "--batch-size", "2", "--precision", "fp32", "--learning-rate", "1e-3", "--loss-type", "sigmoid",
+                "--rpo-alpha", "0.5"]
+
+    uninterrupted = tmp_path / "uninterrupted"
+    assert run_cli(*command(uninterrupted)) == 0
+
+    output = tmp_path / "killed"
+    argv = [sys.executable, "-m", "tunesmith", *command(output)]
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while not (output / "checkpoint-4").is_dir():
+        assert process.poll() is None, process.stderr.read().decode()
+        assert time.monotonic() < deadline, "the run never wrote its second checkpoint"
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    assert not (output / "final").exists(), "the run finished before it could be killed"
+
+    rerun = subprocess.run(argv, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "resuming from" in rerun.stdout
+    expected, resumed = adapter_weights(uninterrupted / "final"), adapter_weights(output / "final")
+    assert expected.keys() == resumed.keys()
+    for key in expected:
+        assert torch.equal(expected[key], resumed[key]), key
+
+
+def test_a_malformed_preference_row_names_file_line_and_field(tiny_model_dir, tmp_path, capsys):
+    rows = preference_rows(TOPICS[:3])
+    rows[1]["rejected"] = 7
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    args = ("dpo", "--model", tiny_model_dir, "--dataset", data, "--output-dir", tmp_path / "run", "--max-steps", "1", "--save-steps", "0")
+    assert run_cli(*args) != 0
+    err = capsys.readouterr().err
+    assert "pairs.jsonl:2" in err and "rejected" in err and "number" in err, err
+    assert not (tmp_path / "run" / "final").exists()
+    assert run_cli(*args, "--skip-bad-rows") == 0
+    assert "1 bad rows skipped" in capsys.readouterr().out
+    assert (tmp_path / "run" / "final").is_dir()
+
+
+MESSAGE_LIST_ROWS = [
+    {"prompt": [{"role": "system", "content": "Be kind."}, {"role": "user", "content": f"Tell me about {topic}."}],
+     "chosen": [{"role": "assistant", "content": f"{topic.capitalize()} are lovely."}],
+     "rejected": [{"role": "assistant", "content": f"{topic.capitalize()} are awful."}]}
+    for topic in TOPICS[:2]
+]
+MESSAGES_AND_REJECTED_ROWS = [
+    {"messages": [{"role": "user", "content": f"Tell me about {topic}."}, {"role": "assistant", "content": f"{topic} are lovely."}],
+     "rejected_response": f"{topic} are awful."}
+    for topic in TOPICS[:2]
+]
+
+
+@pytest.mark.parametrize("rows", [preference_rows(TOPICS[:2]), MESSAGE_LIST_ROWS, MESSAGES_AND_REJECTED_ROWS],
+                         ids=["prompt-chosen-rejected-strings", "prompt-chosen-rejected-messages", "messages-rejected-response"])
+def test_both_preference_row_formats_train(tiny_model_dir, tmp_path, rows):
+    data = write_jsonl(tmp_path / "pairs.jsonl", rows)
+    output = tmp_path / "run"
+    assert run_cli("dpo", "--model", tiny_model_dir, "--dataset", data, "--output-dir", output, "--max-steps", "1",
+                   "--batch-size", "2", "--save-steps", "0", "--precision", "fp32") == 0
+    (step,) = read_metrics(output)
+    assert step["step"] == 1 and step["rewards/margins"] == 0.0 and step["loss"] == pytest.approx(math.log(2))
+    assert (output / "final").is_dir()
