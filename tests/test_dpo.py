@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import json
 import math
 import os
 import signal
@@ -25,7 +24,7 @@ import torch
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tests.helpers import adapter_weights, cpu_device, read_metrics, run_cli
+from tests.helpers import adapter_weights, cpu_device, read_metrics, run_cli, write_jsonl
 from tunesmith.config import TrainConfig
 from tunesmith.data.examples import PAIRED_PREFERENCE_FORMATS, read_examples
 from tunesmith.data.packing import pack
@@ -62,11 +61,6 @@ PAIRS = [
         "rejected": "No, I would rather not.",
     },
 ]
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
-    return path
 
 
 def dpo_options(**chosen) -> dict:
@@ -262,7 +256,7 @@ def test_a_packed_batch_has_the_loss_and_gradients_of_the_unpacked_one(tiny_mode
     # The same pairs unpacked, in the order the packed rows hold them (the metrics are sums over pairs).
     plain_loss, plain_metrics, plain_grads = step([[pair] for row in rows for pair in row])
     torch.testing.assert_close(packed_loss, plain_loss, rtol=0, atol=1e-5)
-    assert packed_metrics == pytest.approx(plain_metrics, abs=1e-4)
+    assert packed_metrics == pytest.approx(plain_metrics, abs=1e-4)  # sums of log-probabilities of a few hundred
     for name, grad in plain_grads.items():
         torch.testing.assert_close(packed_grads[name], grad, rtol=1e-5, atol=1e-5, msg=name)
 
@@ -380,9 +374,9 @@ def test_sigkill_then_rerun_is_bit_identical(tiny_model_dir, tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", preference_rows(TOPICS[:12]))
 
     def command(output):
-        return ["dpo", "--model", str(tiny_model_dir), "--dataset", str(data), "--output-dir", str(output), "--max-steps", "30",
+        return ["dpo", "--model", str(tiny_model_dir), "--dataset", str(data), "--output-dir", str(output), "--max-steps", "16",
                 "--save-steps", "2", "--batch-size", "2", "--precision", "fp32", "--learning-rate", "1e-3", "--loss-type", "sigmoid",
-                "--rpo-alpha", "0.5"]
+                "--rpo-alpha", "0.5", "--precompute-ref-logps"]
 
     uninterrupted = tmp_path / "uninterrupted"
     assert run_cli(*command(uninterrupted)) == 0
@@ -399,6 +393,8 @@ def test_sigkill_then_rerun_is_bit_identical(tiny_model_dir, tmp_path):
     assert process.wait() == -signal.SIGKILL
     assert not (output / "final").exists(), "the run finished before it could be killed"
 
+    saved = torch.load(output / "checkpoint-4" / "trainer.pt", weights_only=True)  # the reference log-probs computed so far
+    assert saved["reference_logps"].shape == (len(saved["reference_keys"]), 2) and len(saved["reference_keys"]) == 8
     rerun = subprocess.run(argv, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr
     assert "resuming from" in rerun.stdout
@@ -406,6 +402,35 @@ def test_sigkill_then_rerun_is_bit_identical(tiny_model_dir, tmp_path):
     assert expected.keys() == resumed.keys()
     for key in expected:
         assert torch.equal(expected[key], resumed[key]), key
+
+
+def test_precomputed_reference_logps_skip_the_reference_pass_and_train_alike(tiny_model_dir, tmp_path, monkeypatch):
+    from tunesmith.reference import ReferenceModel
+
+    passes = []
+    real_call = ReferenceModel.__call__
+
+    def counted(self, policy):
+        passes.append(1)
+        return real_call(self, policy)
+
+    monkeypatch.setattr(ReferenceModel, "__call__", counted)
+    data = write_jsonl(tmp_path / "train.jsonl", preference_rows(TOPICS[:4]))
+    runs, reference_passes = {}, {}
+    for name, extra in {"plain": (), "precomputed": ("--precompute-ref-logps",)}.items():
+        runs[name] = tmp_path / name
+        passes.clear()
+        assert run_cli("dpo", "--model", tiny_model_dir, "--dataset", data, "--output-dir", runs[name], "--epochs", "3", "--batch-size", "2",
+                       "--save-steps", "0", "--precision", "fp32", "--learning-rate", "1e-2", "--lora-dropout", "0", *extra) == 0
+        reference_passes[name] = len(passes)
+    assert reference_passes == {"plain": 6, "precomputed": 2}  # 2 batches an epoch, 3 epochs: only the first needs the reference
+    plain, precomputed = read_metrics(runs["plain"]), read_metrics(runs["precomputed"])
+    # Later epochs reuse the first epoch's reference log-probs (same values, up to how a batch's padding rounds them).
+    for first, second in zip(plain, precomputed):
+        assert second["loss"] == pytest.approx(first["loss"], rel=1e-4, abs=1e-6)
+    expected, actual = adapter_weights(runs["plain"] / "final"), adapter_weights(runs["precomputed"] / "final")
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], rtol=1e-4, atol=1e-6)
 
 
 def test_a_malformed_preference_row_names_file_line_and_field(tiny_model_dir, tmp_path, capsys):

@@ -11,12 +11,16 @@ adapter off, or a frozen copy): ``logits = (log pi(chosen) - log pi(rejected)) -
 - ``ipo`` (Azar et al.): ``(logits - 1 / (2 beta))^2`` on per-token average log-probabilities
 
 ``--rpo-alpha`` adds the chosen responses' negative log-likelihood per token (RPO, Pang et al.).
+``--precompute-ref-logps`` keeps each pair's reference log-probabilities once computed (the
+first time the pair is seen), in checkpoints too: later epochs and a resumed run reuse them and
+skip the reference pass for every batch whose pairs are all known.
 Logged per pair: the implicit rewards ``beta (log pi - log ref)`` of both sides, how often the
 chosen one wins, the margin, and the policy's log-probabilities.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import torch
@@ -43,13 +47,20 @@ class DPOTrainer(PairedPreferenceTrainer):
     def setup(self, context):
         super().setup(context)
         self.reference = context.make_reference(self.options["ref_model"] or None)
+        #: with --precompute-ref-logps: each pair's reference log-probs (chosen, rejected), by pair key
+        self.reference_cache: dict[int, tuple[float, float]] = {}
+
+    def collate(self, rows):
+        batch = super().collate(rows)
+        if self.options["precompute_ref_logps"]:
+            batch["pair_keys"] = torch.tensor([pair_key(pair) for row in rows for pair in row], dtype=torch.long)
+        return batch
 
     def compute_loss(self, model, batch: dict[str, Any]) -> LossOutput:
         sequences = 2 * batch["num_pairs"]
         chosen, rejected = batch["chosen_index"], batch["rejected_index"]
         logps, counts = sequence_logps(model, batch, sequences)
-        with self.reference(model) as reference:
-            reference_logps, _ = sequence_logps(reference, batch, sequences)
+        reference_logps = self.reference_logps(model, batch, sequences)
         beta, loss_type = self.options["beta"], self.options["loss_type"]
         scored, reference_scored = (logps / counts, reference_logps / counts) if loss_type == "ipo" else (logps, reference_logps)
         logits = (scored[chosen] - scored[rejected]) - (reference_scored[chosen] - reference_scored[rejected])
@@ -67,3 +78,43 @@ class DPOTrainer(PairedPreferenceTrainer):
             "logps/chosen": float(logps[chosen].detach().sum()),
             "logps/rejected": float(logps[rejected].detach().sum()),
         })
+
+    def reference_logps(self, model, batch: dict[str, Any], sequences: int) -> torch.Tensor:
+        """The reference's log-probs of every sequence: from the cache when every pair of the batch is in it."""
+        if not self.options["precompute_ref_logps"]:
+            with self.reference(model) as reference:
+                return sequence_logps(reference, batch, sequences)[0]
+        keys = batch["pair_keys"].tolist()
+        chosen, rejected = batch["chosen_index"].tolist(), batch["rejected_index"].tolist()
+        if not all(key in self.reference_cache for key in keys):
+            with self.reference(model) as reference:
+                computed = sequence_logps(reference, batch, sequences)[0].tolist()
+            for key, c, r in zip(keys, chosen, rejected):
+                self.reference_cache.setdefault(key, (computed[c], computed[r]))
+        values = [0.0] * sequences
+        for key, c, r in zip(keys, chosen, rejected):
+            values[c], values[r] = self.reference_cache[key]
+        return torch.tensor(values, dtype=torch.float32, device=batch["chosen_index"].device)
+
+    def state_dict(self) -> dict[str, Any]:
+        if not self.reference_cache:
+            return {}
+        keys = list(self.reference_cache)
+        return {
+            "reference_keys": torch.tensor(keys, dtype=torch.long),
+            "reference_logps": torch.tensor([self.reference_cache[key] for key in keys], dtype=torch.float64),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "reference_keys" in state:
+            self.reference_cache = {
+                key: (chosen, rejected) for key, (chosen, rejected) in zip(state["reference_keys"].tolist(), state["reference_logps"].tolist())
+            }
+
+
+def pair_key(pair) -> int:
+    """A stable 63-bit key of a pair's tokens: the same pair gets the same key in every run."""
+    digest = hashlib.blake2b(digest_size=8)
+    for ids in (pair.prompt_ids, pair.chosen_ids, pair.rejected_ids):
+        digest.update(len(ids).to_bytes(4, "little") + b"".join(token.to_bytes(4, "little") for token in ids))
+    return int.from_bytes(digest.digest(), "little") >> 1

@@ -12,6 +12,7 @@ DPO_OPTIONS = (
     OptionSpec("label_smoothing", 0.0, "The share of pairs assumed mislabelled (sigmoid and robust losses).", click.FloatRange(min=0.0, max=0.5, max_open=True)),
     OptionSpec("rpo_alpha", 0.0, "Weight of the chosen responses' negative log-likelihood added to the loss (RPO); 0 is off.", click.FloatRange(min=0.0)),
     OptionSpec("ref_model", "", "A model folder to use as the reference instead of the starting weights."),
+    OptionSpec("precompute_ref_logps", False, "Keep each pair's reference log-probs once computed (also in checkpoints) and skip the reference pass for known pairs."),
 )
 
 
