@@ -358,7 +358,7 @@ def test_dpo_learns_held_out_preferences(tiny_model_dir, tmp_path):
     # where the policy is its reference, every reward is 0 and no chosen response wins (a tie
     # is no win, as in TRL). Then evaluations after every step of the constant rate.
     code = run_cli("dpo", "--model", tiny_model_dir, "--dataset", train_data, "--eval-dataset", held_out, "--output-dir", output,
-                   "--max-steps", "8", "--batch-size", "6", "--learning-rate", "5e-3", "--lr-scheduler", "constant",
+                   "--max-steps", "5", "--batch-size", "6", "--learning-rate", "5e-3", "--lr-scheduler", "constant",
                    "--warmup-steps", "1", "--eval-steps", "1", "--save-steps", "0", "--precision", "fp32", "--beta", "0.1")
     assert code == 0
     evaluations = [line for line in read_metrics(output) if "eval_rewards/accuracies" in line]
