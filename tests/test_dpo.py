@@ -103,6 +103,11 @@ LOSS_CASES = {
     "hinge": dict(loss_type="hinge", beta=0.1),
     "ipo": dict(loss_type="ipo", beta=0.5),
     "sigmoid-rpo": dict(loss_type="sigmoid", beta=0.1, rpo_alpha=0.7),
+    "bco_pair": dict(loss_type="bco_pair", beta=0.1),
+    "sppo_hard": dict(loss_type="sppo_hard", beta=0.1),
+    "nca_pair": dict(loss_type="nca_pair", beta=0.1),
+    "apo_zero": dict(loss_type="apo_zero", beta=0.1),
+    "apo_down": dict(loss_type="apo_down", beta=0.1),
 }
 
 
@@ -222,15 +227,18 @@ def test_logps_losses_and_gradients_equal_trl(tiny_model_dir, tmp_path, adapter,
             their_loss = (1 - eps) * their_loss + eps * theirs.compute_loss(theirs.model, trl_inputs(theirs, pairs, swapped=True))
         their_loss.backward()
 
-        torch.testing.assert_close(ours_loss.detach(), their_loss.detach(), rtol=0, atol=1e-5, msg=case)
+        # Squared losses (ipo, sppo_hard) double the relative error of log-probability sums of about a hundred fp32 terms.
+        torch.testing.assert_close(ours_loss.detach(), their_loss.detach(), rtol=1e-5, atol=1e-5, msg=lambda message: f"{case}: {message}")
         # Metrics: log-probabilities are sums of about a hundred in fp32, good to about 1e-6 relative.
         scale = float(ours_logps.abs().max())
         for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected"):
             tolerance = 1e-6 * scale * (options["beta"] if key.startswith("rewards/") else 1.0)
             assert output.metrics[key] / len(pairs) == pytest.approx(their_metrics[key], abs=max(tolerance, 1e-5)), (case, key)
         # (c) The gradient of every trained weight.
+        # Tolerances relative to the largest gradient, which the squared losses make large.
         for name, parameter in trained.items():
-            torch.testing.assert_close(parameter.grad, their_trained[name].grad, rtol=1e-5, atol=1e-5, msg=f"{case}: {name}")
+            atol = 1e-5 * max(1.0, float(their_trained[name].grad.abs().max()))
+            torch.testing.assert_close(parameter.grad, their_trained[name].grad, rtol=1e-5, atol=atol, msg=lambda message: f"{case}: {name}: {message}")
 
 
 @pytest.mark.parametrize("case", ["sigmoid-rpo", "ipo"])

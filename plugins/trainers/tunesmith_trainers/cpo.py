@@ -29,7 +29,7 @@ def cpo_losses(chosen: torch.Tensor, rejected: torch.Tensor, loss_type: str, bet
     """Each pair's preference loss from the policy's scores of its chosen and rejected responses (no NLL)."""
     if loss_type not in ("sigmoid", "hinge", "ipo"):
         raise ValueError(f"unknown CPO loss type {loss_type!r}")
-    return dpo_losses(chosen - rejected, loss_type, beta, label_smoothing)
+    return dpo_losses(chosen, rejected, loss_type, beta, label_smoothing)
 
 
 class CPOTrainer(ReferenceFreePreferenceTrainer):

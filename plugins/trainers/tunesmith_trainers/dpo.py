@@ -10,6 +10,14 @@ adapter off, or a frozen copy): ``logits = (log pi(chosen) - log pi(rejected)) -
 - ``hinge`` (SLiC, Zhao et al.): ``max(0, 1 - beta logits)``
 - ``ipo`` (Azar et al.): ``(logits - 1 / (2 beta))^2`` on per-token average log-probabilities
 
+and, on each side's own log-ratio ``c = log pi(chosen) - log ref(chosen)`` (``r`` for rejected):
+
+- ``bco_pair`` (BCO, Jung et al.): ``-log s(beta c) - log s(-beta r)``
+- ``nca_pair`` (NCA, Chen et al.): ``-log s(beta c) - (log s(-beta c) + log s(-beta r)) / 2``
+- ``sppo_hard`` (SPPO, Wu et al., with hard win probabilities): ``(c - 1 / (2 beta))^2 + (r + 1 / (2 beta))^2``
+- ``apo_zero`` (APO, D'Oosterlinck et al.): ``1 - s(beta c) + s(beta r)``, raising chosen and lowering rejected
+- ``apo_down``: ``s(beta c) + 1 - s(beta (c - r))``, lowering both, rejected more
+
 ``--rpo-alpha`` adds the chosen responses' negative log-likelihood per token (RPO, Pang et al.).
 ``--precompute-ref-logps`` keeps each pair's reference log-probabilities once computed (the
 first time the pair is seen), in checkpoints too: later epochs and a resumed run reuse them and
@@ -30,8 +38,9 @@ from tunesmith import LossOutput, sequence_logps
 from tunesmith_trainers.preference import PairedPreferenceTrainer
 
 
-def dpo_losses(logits: torch.Tensor, loss_type: str, beta: float, label_smoothing: float) -> torch.Tensor:
-    """The per-pair loss of each loss type from ``logits`` (policy minus reference log-ratio differences)."""
+def dpo_losses(chosen: torch.Tensor, rejected: torch.Tensor, loss_type: str, beta: float, label_smoothing: float) -> torch.Tensor:
+    """The per-pair loss of each loss type from each side's log-ratio (policy minus reference log-probability)."""
+    logits = chosen - rejected
     if loss_type == "sigmoid":
         return -(1 - label_smoothing) * F.logsigmoid(beta * logits) - label_smoothing * F.logsigmoid(-beta * logits)
     if loss_type == "robust":
@@ -40,6 +49,16 @@ def dpo_losses(logits: torch.Tensor, loss_type: str, beta: float, label_smoothin
         return torch.relu(1 - beta * logits)
     if loss_type == "ipo":
         return (logits - 1 / (2 * beta)) ** 2
+    if loss_type == "bco_pair":
+        return -F.logsigmoid(beta * chosen) - F.logsigmoid(-beta * rejected)
+    if loss_type == "nca_pair":
+        return -F.logsigmoid(beta * chosen) - 0.5 * F.logsigmoid(-beta * chosen) - 0.5 * F.logsigmoid(-beta * rejected)
+    if loss_type == "sppo_hard":
+        return (chosen - 0.5 / beta) ** 2 + (rejected + 0.5 / beta) ** 2
+    if loss_type == "apo_zero":
+        return 1 - torch.sigmoid(beta * chosen) + torch.sigmoid(beta * rejected)
+    if loss_type == "apo_down":
+        return torch.sigmoid(beta * chosen) + 1 - torch.sigmoid(beta * logits)
     raise ValueError(f"unknown DPO loss type {loss_type!r}")
 
 
@@ -63,8 +82,8 @@ class DPOTrainer(PairedPreferenceTrainer):
         reference_logps = self.reference_logps(model, batch, sequences)
         beta, loss_type = self.options["beta"], self.options["loss_type"]
         scored, reference_scored = (logps / counts, reference_logps / counts) if loss_type == "ipo" else (logps, reference_logps)
-        logits = (scored[chosen] - scored[rejected]) - (reference_scored[chosen] - reference_scored[rejected])
-        losses = dpo_losses(logits, loss_type, beta, self.options["label_smoothing"])
+        ratios = scored - reference_scored
+        losses = dpo_losses(ratios[chosen], ratios[rejected], loss_type, beta, self.options["label_smoothing"])
         if self.options["rpo_alpha"]:
             chosen_nll = -logps[chosen].sum() / counts[chosen].sum()
             losses = losses + self.options["rpo_alpha"] * chosen_nll

@@ -4,10 +4,10 @@ import click
 
 from tunesmith import PAIRED_PREFERENCE_FORMATS, UNPAIRED_PREFERENCE_FORMATS, OptionSpec, TrainerSpec, hookimpl
 
-DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo")
+DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down")
 
 DPO_OPTIONS = (
-    OptionSpec("loss_type", "sigmoid", "The DPO loss: sigmoid (DPO), robust (rDPO), hinge (SLiC) or ipo (IPO).", click.Choice(DPO_LOSS_TYPES)),
+    OptionSpec("loss_type", "sigmoid", "The DPO loss: sigmoid (DPO), robust (rDPO), hinge (SLiC), ipo (IPO), bco_pair (BCO), sppo_hard (SPPO), nca_pair (NCA), apo_zero or apo_down (APO).", click.Choice(DPO_LOSS_TYPES)),
     OptionSpec("beta", 0.1, "Temperature of the implicit reward: how far the policy may move from the reference.", click.FloatRange(min=0.0, min_open=True)),
     OptionSpec("label_smoothing", 0.0, "The share of pairs assumed mislabelled (sigmoid and robust losses).", click.FloatRange(min=0.0, max=0.5, max_open=True)),
     OptionSpec("rpo_alpha", 0.0, "Weight of the chosen responses' negative log-likelihood added to the loss (RPO); 0 is off.", click.FloatRange(min=0.0)),
