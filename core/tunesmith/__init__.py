@@ -47,6 +47,9 @@ _LAZY = {
     "collate_causal": "tunesmith.data.collate",
     "causal_lm_loss": "tunesmith.losses",
     "create_plugin_manager": "tunesmith.plugins",
+    "Step": "tunesmith.steps",
+    "StepPlan": "tunesmith.steps",
+    "StepSource": "tunesmith.steps",
 }
 
 if TYPE_CHECKING:
@@ -64,6 +67,7 @@ if TYPE_CHECKING:
     from tunesmith.losses import causal_lm_loss, sequence_logps
     from tunesmith.models import sequence_scores
     from tunesmith.plugins import create_plugin_manager
+    from tunesmith.steps import Step, StepPlan, StepSource
     from tunesmith.strategy import StepOutcome, Strategy
     from tunesmith.trainer import LossOutput, Trainer, TrainerContext
 
@@ -100,7 +104,10 @@ __all__ = [
     "PluginError",
     "RewardSpec",
     "Sample",
+    "Step",
     "StepOutcome",
+    "StepPlan",
+    "StepSource",
     "Strategy",
     "StrategySpec",
     "Trainer",

@@ -29,6 +29,8 @@ CHECKPOINT_PATTERN = re.compile(r"^checkpoint-(\d+)$")
 DAMAGED_FOLDER = "damaged"
 #: what the trainer keeps across a resume (its ``state_dict``)
 TRAINER_FILE = "trainer.pt"
+#: where the step source is: the position in the data's order, rollouts kept for more updates
+STEPS_FILE = "steps.pt"
 
 
 @dataclass
@@ -36,9 +38,6 @@ class LoopState:
     """Where the loop is: everything besides tensors that a resumed run needs."""
 
     step: int = 0
-    epoch: int = 0
-    #: rows of this epoch's order already trained on, over all data-parallel ranks
-    epoch_rows: int = 0
     num_tokens: int = 0
     skipped_steps: int = 0
     bad_steps_in_a_row: int = 0
@@ -146,12 +145,15 @@ class TrainingState:
     tokenizer: Any = None
     #: the trainer, whose :meth:`~tunesmith.trainer.Trainer.state_dict` is saved with the loop state
     trainer: Any = None
+    #: where the step source is (:meth:`~tunesmith.steps.StepSource.state_dict`), taken on every process before a save
+    step_source_state: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
 class LoadedCheckpoint:
     loop_state: LoopState
     scaler_state: dict[str, Any] | None
+    step_source_state: dict[str, Any]
 
 
 def save_replicated(folder: Path, state: TrainingState, model, scaler_state: dict[str, Any] | None = None) -> None:
@@ -171,6 +173,7 @@ def write_loop_files(folder: Path, state: TrainingState, scaler_state: dict[str,
     trainer_state = state.trainer.state_dict() if state.trainer is not None else {}
     if trainer_state:
         torch.save(trainer_state, folder / TRAINER_FILE)
+    torch.save(state.step_source_state, folder / STEPS_FILE)
     (folder / STATE_FILE).write_text(json.dumps(asdict(state.loop_state), indent=2), encoding="utf-8")
 
 
@@ -187,7 +190,7 @@ def read_loop_files(folder: Path, state: TrainingState) -> LoadedCheckpoint:
         state.trainer.load_state_dict(torch.load(folder / TRAINER_FILE, weights_only=True))
     scaler_path = folder / "scaler.pt"
     scaler_state = torch.load(scaler_path, weights_only=True) if scaler_path.is_file() else None
-    return LoadedCheckpoint(read_loop_state(folder), scaler_state)
+    return LoadedCheckpoint(read_loop_state(folder), scaler_state, torch.load(folder / STEPS_FILE, weights_only=True))
 
 
 def read_loop_state(folder: Path) -> LoopState:

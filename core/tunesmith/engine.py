@@ -2,7 +2,7 @@
 
 Read top to bottom: plan the run (device, precision, strategy, checkpoint to resume), build
 model and data, let the strategy set up model and optimizer, restore the newest checkpoint,
-then repeat (this rank's share of the step's rows -> micro-batches -> loss -> backward ->
+then repeat (the step source's next step: this rank's micro-batches -> loss -> backward ->
 strategy step) with logging, evaluation and atomic checkpoints. Trainers supply the objective;
 devices and strategies the hardware, precision and parallelism; the loop itself never changes
 for them. Every process of a multi-process run runs this same loop.
@@ -24,7 +24,6 @@ from tunesmith.atomic import remove_staging_leftovers
 from tunesmith.checkpoint import LoopState, TrainingState, advice_on_storage_errors, list_checkpoints, rotate_checkpoints
 from tunesmith.config import TrainConfig, write_config
 from tunesmith.data.examples import CONVERSATION_FORMATS
-from tunesmith.data.order import BatchOrder
 from tunesmith.data.setup import build_training_data
 from tunesmith.data.sharding import shard_step
 from tunesmith.data.tokenize import ensure_chat_template
@@ -37,6 +36,7 @@ from tunesmith.plugins import PluginManager, create_plugin_manager
 from tunesmith.reference import ReferenceModel
 from tunesmith.resume import check_within_schedule
 from tunesmith.runtime import TrainingPlan, plan_training, strategy_options
+from tunesmith.steps import DatasetSteps, StepPlan, StepSource
 from tunesmith.storage import checkpoint_shortage
 from tunesmith.strategy import StepSettings, Strategy
 from tunesmith.trainer import Trainer, TrainerContext
@@ -135,8 +135,9 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
     trainer_options = {spec.name: config.plugin_options.get(spec.name, spec.default) for spec in trainer_record.spec.options}
     trainer.setup(TrainerContext(strategy, device, plan.precision, manager, trainer_options, make_reference))
 
-    order = BatchOrder(len(data.train_rows), plan.global_batch, config.seed)
-    total_steps = config.max_steps or config.epochs * order.steps_per_epoch
+    step_plan = StepPlan(plan.global_batch, config.batch_size, config.seed)
+    source: StepSource = trainer.step_source(data.train_rows, step_plan) or DatasetSteps(data.train_rows, step_plan, strategy)
+    total_steps = config.max_steps or config.epochs * source.steps_per_epoch
     scheduler = build_scheduler(
         config.lr_scheduler, optimizer, total_steps, warmup_steps(total_steps, config.warmup_steps, config.warmup_ratio)
     )
@@ -152,7 +153,9 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
         # The checkpoint brings back optimizer state and schedule position; the rates and weight
         # decay are this run's options (a resumed run may change them).
         chosen = [{key: group[key] for key in ("initial_lr", "weight_decay")} for group in optimizer.param_groups]
-        state.loop_state = strategy.load_checkpoint(plan.resume_from, state).loop_state
+        loaded = strategy.load_checkpoint(plan.resume_from, state)
+        state.loop_state = loaded.loop_state
+        source.load_state_dict(loaded.step_source_state)
         for group, values in zip(optimizer.param_groups, chosen):
             group.update(values)
         scheduler.base_lrs = [values["initial_lr"] for values in chosen]
@@ -177,6 +180,7 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
             shortage = strategy.all_gather_object(shortage)[0]
             if shortage:
                 raise StorageError(shortage)
+            state.step_source_state = source.state_dict()
             strategy.save_checkpoint(folder, state)
         if strategy.is_global_zero:
             rotate_checkpoints(output_dir, config.save_total_limit)
@@ -191,6 +195,7 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
         disable=not strategy.is_global_zero,
     )
     interval_tokens, interval_start = 0, time.perf_counter()
+    step_metrics: dict[str, float] = {}  # what the source measured making steps since the last logged one
     if loop.step >= total_steps:
         say(f"nothing left to train: {loop.step} of {total_steps} steps were done already; writing the result again")
     with progress:
@@ -198,10 +203,9 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
         task = progress.add_task(trainer_name, total=total_steps, completed=loop.step, loss="-", lr=scheduler.get_last_lr()[0], tps=0.0)
         while loop.step < total_steps:
             # One optimizer step: this rank's share of the step's rows, in micro-batches.
-            step_rows = [data.train_rows[i] for i in order.step_rows(loop.epoch, loop.epoch_rows)]
-            loop.epoch, loop.epoch_rows = order.advance(loop.epoch, loop.epoch_rows)
-            pieces = shard_step(step_rows, strategy.dp_size, strategy.dp_rank, config.batch_size)
-            loss, logged, step_tokens = accumulate_gradients(model, trainer, pieces, step_rows[:1], strategy)
+            step = source.next_step(model)
+            step_metrics.update(step.metrics)
+            loss, logged, step_tokens = accumulate_gradients(model, trainer, step.pieces, step.filler, strategy)
 
             outcome = strategy.optimizer_step(model, optimizer, config.max_grad_norm, loss_is_finite=math.isfinite(loss))
             loop.step += 1
@@ -228,7 +232,7 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
                 tokens_per_second = interval_tokens / elapsed if elapsed > 0 else 0.0
                 record = {
                     "step": loop.step,
-                    "epoch": order.epoch_progress(loop.epoch, loop.epoch_rows),
+                    "epoch": source.epoch_progress(),
                     "loss": loss,
                     "learning_rate": step_learning_rate,
                     "grad_norm": outcome.grad_norm,
@@ -237,8 +241,10 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
                     "skipped_steps": loop.skipped_steps,
                     "memory_peak_bytes": device.memory_stats().get("peak"),
                     "device": device.name,
+                    **step_metrics,
                     **logged,
                 }
+                step_metrics = {}
                 if strategy.is_global_zero:
                     metrics.write(record)
                 progress.update(task, completed=loop.step, loss=f"{loss:.4f}", lr=record["learning_rate"], tps=tokens_per_second)
@@ -249,7 +255,7 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
             if data.eval_rows and (loop.step % config.eval_steps == 0 or loop.step == total_steps):
                 evaluation = evaluate(model, trainer, data.eval_rows, config.batch_size, strategy)
                 if strategy.is_global_zero:
-                    metrics.write({"step": loop.step, "epoch": order.epoch_progress(loop.epoch, loop.epoch_rows), **evaluation, "device": device.name})
+                    metrics.write({"step": loop.step, "epoch": source.epoch_progress(), **evaluation, "device": device.name})
                 say(f"step {loop.step}: eval_loss {evaluation['eval_loss']:.4f}")
             if config.save_steps and loop.step % config.save_steps == 0:
                 save()

@@ -11,7 +11,8 @@ batch with metrics to log.
 
 Its life: built with the tokenizer and the run's options; :meth:`Trainer.setup` once the
 model is placed, with a :class:`TrainerContext` (the strategy, device, precision, plugins,
-its own options and a reference model); then batches; its :meth:`~Trainer.state_dict` is saved
+its own options and a reference model); then, optionally, the source of its steps
+(:meth:`~Trainer.step_source`); then batches; its :meth:`~Trainer.state_dict` is saved
 in every checkpoint and given back to :meth:`~Trainer.load_state_dict` on resume.
 """
 
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from tunesmith.device import Device
     from tunesmith.plugins import PluginManager
     from tunesmith.reference import ReferenceModel
+    from tunesmith.steps import StepPlan, StepSource
     from tunesmith.strategy import Strategy
 
 
@@ -92,6 +94,15 @@ class Trainer(ABC):
     def has_targets(self, unit: Sample) -> bool:
         """Whether anything in ``unit`` is trained; units with nothing left are dropped and counted."""
         return unit.num_trained_tokens > 0
+
+    def step_source(self, rows: list[list[Any]], plan: StepPlan) -> StepSource | None:
+        """Where each optimizer step's rows come from, if not the dataset's rows in the loop's seeded order.
+
+        ``rows`` are the prepared data rows, ``plan`` the step's shape. A trainer that makes its
+        rows with the model (rollouts) returns its own :class:`~tunesmith.steps.StepSource`;
+        ``None`` (the default) trains on ``rows`` themselves.
+        """
+        return None
 
     # -- batches -----------------------------------------------------------------------------
     @abstractmethod
