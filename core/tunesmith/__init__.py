@@ -36,6 +36,7 @@ _LAZY = {
     "CONVERSATION_FORMATS": "tunesmith.data.examples",
     "PAIRED_PREFERENCE_FORMATS": "tunesmith.data.examples",
     "UNPAIRED_PREFERENCE_FORMATS": "tunesmith.data.examples",
+    "PROMPT_FORMATS": "tunesmith.data.examples",
     "Example": "tunesmith.data.types",
     "Sample": "tunesmith.data.types",
     "IGNORE_INDEX": "tunesmith.data.types",
@@ -47,6 +48,8 @@ _LAZY = {
     "collate_causal": "tunesmith.data.collate",
     "causal_lm_loss": "tunesmith.losses",
     "create_plugin_manager": "tunesmith.plugins",
+    "BatchOrder": "tunesmith.data.order",
+    "MetricsLog": "tunesmith.metrics",
     "Step": "tunesmith.steps",
     "StepPlan": "tunesmith.steps",
     "StepSource": "tunesmith.steps",
@@ -57,6 +60,7 @@ if TYPE_CHECKING:
     from tunesmith.data.examples import (
         CONVERSATION_FORMATS,
         PAIRED_PREFERENCE_FORMATS,
+        PROMPT_FORMATS,
         UNPAIRED_PREFERENCE_FORMATS,
         FieldError,
         RowFormat,
@@ -68,6 +72,8 @@ if TYPE_CHECKING:
     from tunesmith.models import sequence_scores
     from tunesmith.plugins import create_plugin_manager
     from tunesmith.steps import Step, StepPlan, StepSource
+    from tunesmith.data.order import BatchOrder
+    from tunesmith.metrics import MetricsLog
     from tunesmith.strategy import StepOutcome, Strategy
     from tunesmith.trainer import LossOutput, Trainer, TrainerContext
 
@@ -85,9 +91,12 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "BatchOrder",
+    "MetricsLog",
     "CONVERSATION_FORMATS",
     "FieldError",
     "PAIRED_PREFERENCE_FORMATS",
+    "PROMPT_FORMATS",
     "RowFormat",
     "TrainerContext",
     "UNPAIRED_PREFERENCE_FORMATS",

@@ -107,7 +107,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         """Every option by its YAML key, plugins' own included."""
         values = {key: list(value) if isinstance(value, tuple) else value for key, value in dataclasses.asdict(self).items()}
-        values.update(values.pop("plugin_options"))
+        values.update({key: list(value) if isinstance(value, tuple) else value for key, value in values.pop("plugin_options").items()})
         return values
 
 
@@ -176,8 +176,8 @@ def option_definitions(plugin_options: dict[str, PluginOption]) -> dict[str, tup
         spec = declared.spec
         meta = {
             "help": f"{spec.help} (option of {declared.kind} {declared.owner})",
-            "type": spec.type or (None if spec.flag else type(spec.default)),
-            "multiple": False,
+            "type": spec.type or (None if spec.flag else spec.value_type),
+            "multiple": spec.repeatable,
             "flag": spec.flag,
         }
         definitions[name] = (spec.default, meta)

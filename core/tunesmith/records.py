@@ -47,8 +47,10 @@ class OptionSpec:
     """An option a plugin reads: the flag ``--zero-stage`` and the YAML key ``zero_stage``.
 
     ``type`` is a click type or a Python type (``int``, ``float``, ``str``); left out, it is
-    the default's type. A ``bool`` default makes a ``--name/--no-name`` switch. The value
-    reaches the plugin in its ``options`` mapping under ``name``.
+    the default's type. A ``bool`` default makes a ``--name/--no-name`` switch; a tuple
+    default a repeatable option (``--reward a --reward b``, a YAML list) whose value is a
+    tuple, with ``type`` the type of one value (``str`` when left out and the default is
+    empty). The value reaches the plugin in its ``options`` mapping under ``name``.
     """
 
     name: str
@@ -63,6 +65,17 @@ class OptionSpec:
     @property
     def flag(self) -> bool:
         return isinstance(self.default, bool)
+
+    @property
+    def repeatable(self) -> bool:
+        return isinstance(self.default, tuple)
+
+    @property
+    def value_type(self) -> type:
+        """The type of one value, from the default."""
+        if self.repeatable:
+            return type(self.default[0]) if self.default else str
+        return type(self.default)
 
 
 #: the precisions ``--precision`` can name, fastest last

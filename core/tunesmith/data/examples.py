@@ -188,6 +188,11 @@ def _from_unpaired(record: dict[str, Any]) -> dict[str, Any]:
     return {"prompt": _prompt(record), "completion": completion, "label": label}
 
 
+def _from_prompt_only(record: dict[str, Any]) -> dict[str, Any]:
+    raw = record.get("prompt")
+    return {"prompt": _prompt(record), "conversational": not (isinstance(raw, str) and not raw.lstrip().startswith("["))}
+
+
 # In detection order: a row with both 'messages' and 'text' is a conversation whose text is a column.
 CONVERSATION_FORMATS = (
     RowFormat("OpenAI messages", ("messages",), ("messages",), _from_messages),
@@ -204,6 +209,9 @@ PAIRED_PREFERENCE_FORMATS = (
 UNPAIRED_PREFERENCE_FORMATS = (
     RowFormat("labelled completions", ("prompt", "completion", "label"), ("prompt", "completion", "label"), _from_unpaired),
 )
+#: prompts alone, for trainers that generate the completions (GRPO); ``conversational`` says
+#: whether the prompt was a list of messages (else one string, rendered as a user message)
+PROMPT_FORMATS = (RowFormat("prompts", ("prompt",), ("prompt",), _from_prompt_only),)
 
 
 def detect_format(record: dict[str, Any], where: str, formats: tuple[RowFormat, ...] = CONVERSATION_FORMATS) -> RowFormat:

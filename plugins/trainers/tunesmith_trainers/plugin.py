@@ -2,7 +2,7 @@
 
 import click
 
-from tunesmith import PAIRED_PREFERENCE_FORMATS, UNPAIRED_PREFERENCE_FORMATS, OptionSpec, TrainerSpec, hookimpl
+from tunesmith import PAIRED_PREFERENCE_FORMATS, PROMPT_FORMATS, UNPAIRED_PREFERENCE_FORMATS, OptionSpec, TrainerSpec, hookimpl
 
 DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down")
 
@@ -13,6 +13,24 @@ DPO_OPTIONS = (
     OptionSpec("rpo_alpha", 0.0, "Weight of the chosen responses' negative log-likelihood added to the loss (RPO); 0 is off.", click.FloatRange(min=0.0)),
     OptionSpec("ref_model", "", "A model folder to use as the reference instead of the starting weights."),
     OptionSpec("precompute_ref_logps", False, "Keep each pair's reference log-probs once computed (also in checkpoints) and skip the reference pass for known pairs."),
+)
+
+GRPO_OPTIONS = (
+    OptionSpec("reward", (), "A reward function scoring completions: an installed reward's name, module:function, or rm:PATH (a 'tunesmith rm' model), each optionally :WEIGHT (default 1); repeat for several."),
+    OptionSpec("reward_timeout", 60.0, "Seconds a reward may take for one generation's completions; one that takes longer scores none of them.", click.FloatRange(min=0.0, min_open=True)),
+    OptionSpec("reward_errors", "raise", "A reward that raises: raise (stop, naming the reward and the row) or skip (it scores none of that generation's completions).", click.Choice(("raise", "skip"))),
+    OptionSpec("num_generations", 8, "Completions generated per prompt: the group whose mean reward is each one's baseline.", click.IntRange(min=2)),
+    OptionSpec("max_completion_length", 256, "Most tokens generated per completion.", click.IntRange(min=1)),
+    OptionSpec("temperature", 1.0, "Sampling temperature of the completions (also applied to the log-probabilities trained on).", click.FloatRange(min=0.0, min_open=True)),
+    OptionSpec("top_p", 1.0, "Nucleus sampling: sample from the smallest set of tokens holding this probability; 1 is off.", click.FloatRange(min=0.0, max=1.0, min_open=True)),
+    OptionSpec("top_k", 0, "Sample from the k most likely tokens only; 0 is off.", click.IntRange(min=0)),
+    OptionSpec("scale_rewards", "group", "Divide advantages by the reward deviation of the group, of the whole batch, or none (Dr. GRPO).", click.Choice(("group", "batch", "none"))),
+    OptionSpec("loss_type", "dapo", "How token losses are averaged: grpo (per completion), bnpo (per micro-batch), dr_grpo (by --max-completion-length), dapo (over the step's tokens).", click.Choice(("grpo", "bnpo", "dr_grpo", "dapo"))),
+    OptionSpec("epsilon", 0.2, "Clipping: the probability ratio counts down to 1 - epsilon (and up to 1 + epsilon unless --epsilon-high).", click.FloatRange(min=0.0, max=1.0, min_open=True, max_open=True)),
+    OptionSpec("epsilon_high", 0.0, "Upper clipping bound 1 + epsilon_high (DAPO's clip-higher); 0 uses --epsilon.", click.FloatRange(min=0.0)),
+    OptionSpec("beta", 0.0, "Weight of the KL penalty against the reference model (k3 estimator); 0 loads no reference.", click.FloatRange(min=0.0)),
+    OptionSpec("num_iterations", 1, "Policy updates per generation of completions (mu in the GRPO paper).", click.IntRange(min=1)),
+    OptionSpec("ref_model", "", "A model folder to use as the reference instead of the starting weights (with --beta above 0)."),
 )
 
 
@@ -76,6 +94,13 @@ def tunesmith_register_trainers():
                 OptionSpec("label_smoothing", 0.0, "The share of pairs assumed mislabelled.", click.FloatRange(min=0.0, max=0.5, max_open=True)),
                 OptionSpec("cpo_alpha", 0.0, "Weight of the chosen responses' negative log-likelihood added to the loss (CPO-SimPO); 0 is off.", click.FloatRange(min=0.0)),
             ),
+        ),
+        TrainerSpec(
+            name="grpo",
+            trainer="tunesmith_trainers.grpo:GRPOTrainer",
+            description="group relative policy optimisation: completions generated per prompt, scored by reward functions, pushed toward the better ones",
+            row_formats=PROMPT_FORMATS,
+            options=GRPO_OPTIONS,
         ),
         TrainerSpec(
             name="cpo",
