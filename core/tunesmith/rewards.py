@@ -103,7 +103,7 @@ def load_rewards(values: Sequence[str], manager, *, runtime=None) -> list[Reward
                 runtime = select_runtime(manager)
             fn = _load_reward_model(name[len(REWARD_MODEL_PREFIX):], runtime, value)
         elif ":" in name:
-            fn = _import_function(name, value)
+            fn = _import_function(name, value, manager)
         else:
             fn = _registered(name, manager, value)
         rewards.append(Reward(name, weight, fn, _required_columns(fn, value)))
@@ -124,7 +124,7 @@ def _registered(name: str, manager, value: str) -> Callable:
     return fn
 
 
-def _import_function(name: str, value: str) -> Callable:
+def _import_function(name: str, value: str, manager) -> Callable:
     module_name, _, attribute = name.partition(":")
     directory = os.getcwd()
     if directory not in sys.path:
@@ -135,17 +135,28 @@ def _import_function(name: str, value: str) -> Callable:
         if error.name is None or not f"{module_name}.".startswith(f"{error.name}."):  # a module it imports is missing
             raise ConfigError(f"--reward {value}: importing {module_name} failed: {error!r}") from error
         raise ConfigError(
-            f"--reward {value}: no module named {error.name!r} in the current directory ({directory}) or the installed packages"
+            f"--reward {value}: no module named {error.name!r} in the current directory ({directory}) "
+            f"or the installed packages{_weight_hint(module_name, manager)}"
         ) from None
     except Exception as error:
         raise ConfigError(f"--reward {value}: importing {module_name} failed: {error!r}") from error
     for part in attribute.split("."):
         if not hasattr(obj, part):
-            raise ConfigError(f"--reward {value}: {module_name} ({getattr(obj, '__file__', module_name)}) has no {attribute!r}")
+            raise ConfigError(
+                f"--reward {value}: {module_name} ({getattr(obj, '__file__', module_name)}) has no {attribute!r}"
+                f"{_weight_hint(module_name, manager)}"
+            )
         obj = getattr(obj, part)
     if not callable(obj):
         raise ConfigError(f"--reward {value}: {attribute} in {module_name} is a {type(obj).__name__}, not a function")
     return obj
+
+
+def _weight_hint(module_name: str, manager) -> str:
+    """For ``accuracy:high``, read as module:function: say that a weight is a number."""
+    if module_name not in manager.collect("reward"):
+        return ""
+    return f" ({module_name} is an installed reward; its weight is a number, as in {module_name}:0.5)"
 
 
 def _load_reward_model(path: str, runtime, value: str) -> Callable:
