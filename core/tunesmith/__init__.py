@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from tunesmith.errors import ConfigError, DataError, PluginError, TrainingError, TunesmithError
+from tunesmith.errors import ConfigError, DataError, PluginError, RewardError, TrainingError, TunesmithError
 from tunesmith.hooks import hookimpl, hookspec
 from tunesmith.records import (
     DeviceCapabilities,
@@ -53,6 +53,12 @@ _LAZY = {
     "Step": "tunesmith.steps",
     "StepPlan": "tunesmith.steps",
     "StepSource": "tunesmith.steps",
+    "Reward": "tunesmith.rewards",
+    "RewardResult": "tunesmith.rewards",
+    "RewardRunner": "tunesmith.rewards",
+    "check_reward_columns": "tunesmith.rewards",
+    "load_rewards": "tunesmith.rewards",
+    "parse_reward_option": "tunesmith.rewards",
 }
 
 if TYPE_CHECKING:
@@ -71,6 +77,7 @@ if TYPE_CHECKING:
     from tunesmith.losses import causal_lm_loss, sequence_logps
     from tunesmith.models import sequence_scores
     from tunesmith.plugins import create_plugin_manager
+    from tunesmith.rewards import Reward, RewardResult, RewardRunner, check_reward_columns, load_rewards, parse_reward_option
     from tunesmith.steps import Step, StepPlan, StepSource
     from tunesmith.data.order import BatchOrder
     from tunesmith.metrics import MetricsLog
@@ -111,6 +118,10 @@ __all__ = [
     "OptimizerSpec",
     "OptionSpec",
     "PluginError",
+    "Reward",
+    "RewardError",
+    "RewardResult",
+    "RewardRunner",
     "RewardSpec",
     "Sample",
     "Step",
@@ -125,10 +136,13 @@ __all__ = [
     "TunesmithError",
     "Unavailable",
     "causal_lm_loss",
+    "check_reward_columns",
     "collate_causal",
     "create_plugin_manager",
     "hookimpl",
     "hookspec",
+    "load_rewards",
+    "parse_reward_option",
     "tokenize_chat",
     "tokenize_prompt_and_responses",
     "tokenize_text",

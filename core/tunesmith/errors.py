@@ -29,3 +29,9 @@ class StorageError(TunesmithError):
     """The disk is full, read-only or failing; what was already written is intact."""
 
     exit_code = 1
+
+
+class RewardError(TunesmithError):
+    """A reward function raised or returned something other than one number (or None) per completion."""
+
+    exit_code = 1

@@ -1,19 +1,22 @@
-"""Text generation from a chat: greedy or sampled, whole or streamed.
+"""Text generation: many prompts at once for rollouts, or one chat reply, whole or streamed.
 
 ``tunesmith infer`` uses it, and so should anything else that generates (a server, batch
 inference, GRPO rollouts), so that every caller renders prompts exactly as training did and
-stops at the same end-of-turn markers.
+stops at the same end-of-turn markers. Tokens are chosen by tunesmith's own decode loop
+(:mod:`tunesmith.decoding`), which draws random numbers only from an explicit
+``torch.Generator``: sampling never disturbs the global RNG that training's data order and
+exact resume depend on.
 """
 
 from __future__ import annotations
 
-import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from tunesmith.data.tokenize import ensure_chat_template
+from tunesmith.decoding import StopStrings, decode, generation_mode
 from tunesmith.errors import ConfigError
 
 # Chat templates end a turn with a marker that is not always the tokenizer's eos token (Llama 3
@@ -26,8 +29,9 @@ END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")
 @dataclass(frozen=True)
 class GenerationOptions:
     """How to pick tokens. ``temperature`` 0 means greedy; ``top_k`` 0 and ``top_p`` 1.0 disable
-    those filters. ``seed`` reseeds torch before each reply, so the same conversation sampled with
-    the same seed gives the same reply."""
+    those filters; ``repetition_penalty`` 1.0 is off. ``seed`` seeds the ``torch.Generator`` a call
+    makes when it is given none, so the same prompts sampled with the same seed give the same
+    replies; without a seed (and without a generator) sampling differs from call to call."""
 
     max_new_tokens: int = 256
     temperature: float = 0.0
@@ -67,7 +71,8 @@ def prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
 def stop_token_ids(model, tokenizer) -> list[int]:
     """Token ids that end a reply: the model's and tokenizer's eos plus known end-of-turn markers."""
     ids = set()
-    configured = model.generation_config.eos_token_id
+    generation_config = getattr(model, "generation_config", None)
+    configured = getattr(generation_config, "eos_token_id", None)
     if configured is not None:
         ids.update(configured if isinstance(configured, list) else [configured])
     if tokenizer.eos_token_id is not None:
@@ -78,11 +83,95 @@ def stop_token_ids(model, tokenizer) -> list[int]:
     return sorted(ids)
 
 
+@dataclass(frozen=True)
+class Completion:
+    """One generated continuation of one prompt.
+
+    ``token_ids`` are the new tokens, the stop token included when one ended the completion (a
+    policy being trained must learn to emit it). ``text`` is their decoding without special
+    tokens, cut before the first stop string. ``finish_reason`` is ``"stop"`` when a stop
+    token or stop string ended it, ``"length"`` when ``max_new_tokens`` did.
+    """
+
+    prompt_index: int
+    token_ids: list[int]
+    text: str
+    finish_reason: str
+
+
+def generate_batch(
+    model,
+    tokenizer,
+    prompts: list[list[int]],
+    options: GenerationOptions,
+    *,
+    num_return_sequences: int = 1,
+    generator: torch.Generator | None = None,
+    stop_strings: Sequence[str] = (),
+    all_finished: Callable[[bool], bool] | None = None,
+) -> list[Completion]:
+    """Continue every prompt ``num_return_sequences`` times, all in one batch; prompt-major order.
+
+    ``prompts`` are token ids (:func:`prompt_ids` renders a chat). ``model`` is a transformers
+    causal LM or a peft model around one, not a strategy's wrapper: unwrap DDP, FSDP or
+    DeepSpeed first (an FSDP-sharded model is called as it is, with ``all_finished``). It runs
+    without gradients, in eval mode, with activation checkpointing off and the KV cache on, and
+    is returned to its own modes afterwards. A completion ends at a token of
+    :func:`stop_token_ids`, at any of ``stop_strings`` or after ``options.max_new_tokens``.
+
+    Sampling draws only from ``generator`` (on the model's device); without one, a generator is
+    made, seeded from ``options.seed`` when set. The global RNG is never used.
+
+    ``all_finished`` makes several processes step together, as a sharded model needs (each
+    forward pass gathers parameters from every process). It is called after each step with
+    whether this process's completions have all ended, and must return whether every process's
+    have, e.g. by an all-reduce of that flag; until it does, a finished process keeps running
+    forward passes on padding. Without it, generation stops as soon as this process is done.
+
+    Example::
+
+        ids = [prompt_ids(tokenizer, [{"role": "user", "content": q}]) for q in questions]
+        completions = generate_batch(model, tokenizer, ids, GenerationOptions(temperature=1.0),
+                                     num_return_sequences=8, generator=torch.Generator().manual_seed(0))
+    """
+    if num_return_sequences < 1:
+        raise ConfigError(f"num_return_sequences {num_return_sequences}: expected at least 1")
+    empty = [index for index, prompt in enumerate(prompts) if len(prompt) == 0]
+    if empty:
+        raise ConfigError(f"prompt {empty[0]} has no tokens; every prompt needs at least one (a chat template's opening)")
+    if not prompts:
+        if all_finished is not None:
+            raise ConfigError("no prompts: a process stepping together with others (all_finished) needs at least one prompt")
+        return []
+    device = next(model.parameters()).device
+    checked_stop_strings = StopStrings(tokenizer, stop_strings)
+    with generation_mode(model):
+        for rows in decode(
+            model,
+            [list(prompt) for prompt in prompts],
+            options,
+            pad_token_id=_pad_token_id(tokenizer),
+            stop_token_ids=stop_token_ids(model, tokenizer),
+            stop_strings=checked_stop_strings,
+            num_return_sequences=num_return_sequences,
+            generator=_generator(generator, options, device),
+            all_finished=all_finished,
+        ):
+            pass
+    return [
+        Completion(
+            prompt_index=index // num_return_sequences,
+            token_ids=row.token_ids,
+            text=checked_stop_strings.cut(tokenizer.decode(row.token_ids, skip_special_tokens=True)),
+            finish_reason=row.finish_reason,
+        )
+        for index, row in enumerate(rows)
+    ]
+
+
 def generate_ids(model, tokenizer, messages: list[dict[str, str]], options: GenerationOptions) -> list[int]:
     """The reply's token ids (the stop token, if one was reached, included)."""
-    input_ids = _input_tensor(model, tokenizer, messages)
-    output = _generate(model, tokenizer, input_ids, options)
-    return output[0, input_ids.shape[1] :].tolist()
+    return generate_batch(model, tokenizer, [prompt_ids(tokenizer, messages)], options)[0].token_ids
 
 
 def generate_reply(model, tokenizer, messages: list[dict[str, str]], options: GenerationOptions) -> str:
@@ -93,80 +182,54 @@ def generate_reply(model, tokenizer, messages: list[dict[str, str]], options: Ge
 def stream_reply(model, tokenizer, messages: list[dict[str, str]], options: GenerationOptions) -> Iterator[str]:
     """The same reply as ``generate_reply``, yielded in pieces as it is generated.
 
-    Generation runs in a thread feeding a ``TextIteratorStreamer``. Closing the iterator early
-    stops that thread at its next token; an error in it is raised here.
+    Each token is generated when the next piece is asked for, in the caller's thread, so an
+    error is raised to the caller and closing the iterator early stops generation there. The
+    model stays in generation mode while the iterator is open.
     """
-    from transformers import StoppingCriteriaList, TextIteratorStreamer
-
-    input_ids = _input_tensor(model, tokenizer, messages)
-    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
-    cancelled = threading.Event()
-    failures: list[BaseException] = []
-
-    def run() -> None:
+    device = next(model.parameters()).device
+    sent = text = ""
+    with generation_mode(model):
+        steps = decode(
+            model,
+            [prompt_ids(tokenizer, messages)],
+            options,
+            pad_token_id=_pad_token_id(tokenizer),
+            stop_token_ids=stop_token_ids(model, tokenizer),
+            generator=_generator(None, options, device),
+        )
         try:
-            _generate(
-                model,
-                tokenizer,
-                input_ids,
-                options,
-                streamer=streamer,
-                stopping_criteria=StoppingCriteriaList([_CancelledCriteria(cancelled)]),
+            for rows in steps:
+                text = tokenizer.decode(rows[0].token_ids, skip_special_tokens=True)
+                # A character split over byte-level tokens decodes to U+FFFD until it is whole;
+                # text that rewrites what was already sent is held back until it extends it.
+                if text.startswith(sent) and not text.endswith("\ufffd") and len(text) > len(sent):
+                    yield text[len(sent) :]
+                    sent = text
+        finally:
+            steps.close()
+    if text.startswith(sent) and len(text) > len(sent):
+        yield text[len(sent) :]
+
+
+def _pad_token_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ConfigError("the tokenizer has neither a pad token nor an eos token to pad prompts with; set tokenizer.pad_token")
+    return pad
+
+
+def _generator(generator: torch.Generator | None, options: GenerationOptions, device: torch.device) -> torch.Generator:
+    """The generator to sample with: the caller's, which must be on the model's device, or a new one."""
+    if generator is not None:
+        if generator.device.type != device.type:
+            raise ConfigError(
+                f"the generator is on {generator.device} but the model is on {device}; "
+                f"make it there: torch.Generator(device={str(device)!r})"
             )
-        except BaseException as error:  # re-raised in the consuming thread below
-            failures.append(error)
-            streamer.end()
-
-    thread = threading.Thread(target=run, name="tunesmith-generate", daemon=True)
-    thread.start()
-    try:
-        yield from streamer
-    finally:
-        cancelled.set()
-        thread.join()
-    if failures:
-        raise failures[0]
-
-
-def _input_tensor(model, tokenizer, messages: list[dict[str, str]]) -> torch.Tensor:
-    return torch.tensor([prompt_ids(tokenizer, messages)], dtype=torch.long, device=model.device)
-
-
-def _generate(model, tokenizer, input_ids: torch.Tensor, options: GenerationOptions, **extra) -> torch.Tensor:
-    # Every choice is passed explicitly: values left out would be filled from the model's own
-    # generation_config (a checkpoint may ship temperature 0.6, top_k 50), so the same options
-    # would sample differently on different models. Greedy clears the sampling values so a
-    # checkpoint's own temperature does not trigger "do_sample is False" warnings.
-    if options.greedy:
-        sampling = {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
+        return generator
+    fresh = torch.Generator(device=device)
+    if options.seed is not None:
+        fresh.manual_seed(options.seed)
     else:
-        sampling = {
-            "do_sample": True,
-            "temperature": options.temperature,
-            "top_p": options.top_p,
-            "top_k": options.top_k,
-        }
-        if options.seed is not None:
-            # Sampling draws from torch's global generator; generate() takes no generator of its own.
-            torch.manual_seed(options.seed)
-    return model.generate(
-        input_ids=input_ids,
-        attention_mask=torch.ones_like(input_ids),
-        max_new_tokens=options.max_new_tokens,
-        repetition_penalty=options.repetition_penalty,
-        eos_token_id=stop_token_ids(model, tokenizer),
-        pad_token_id=tokenizer.pad_token_id,
-        use_cache=True,
-        **sampling,
-        **extra,
-    )
-
-
-class _CancelledCriteria:
-    """Stops generation once the consumer of a stream has gone away."""
-
-    def __init__(self, cancelled: threading.Event):
-        self.cancelled = cancelled
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.cancelled.is_set(), dtype=torch.bool, device=input_ids.device)
+        fresh.seed()
+    return fresh

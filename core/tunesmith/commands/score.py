@@ -43,11 +43,12 @@ def score_command(model, adapter, input_file, output, batch_size, max_length, tr
     """
     from tunesmith.adapters import adapter_folder, base_model
     from tunesmith.plugins import create_plugin_manager
+    from tunesmith.reward_model import is_adapter_folder, load_reward_model
     from tunesmith.runtime import select_runtime
 
     if model is None and adapter is None:
         raise ConfigError("tunesmith score needs the reward model: --model (a full or merged reward model folder) and/or --adapter")
-    if model is not None and adapter is None and (Path(model) / "adapter_config.json").is_file() and not (Path(model) / "config.json").is_file():
+    if model is not None and adapter is None and is_adapter_folder(model):
         model, adapter = None, model  # a LoRA run's OUTPUT/final: the base comes from its run
     runtime = select_runtime(create_plugin_manager(), device, precision)
     adapter_path = adapter_folder(adapter, if_full_model="pass it as --model instead") if adapter is not None else None
@@ -58,50 +59,6 @@ def score_command(model, adapter, input_file, output, batch_size, max_length, tr
     loaded, tokenizer = load_reward_model(model_name, runtime, adapter_path, trust_remote_code)
     count = score_file(loaded, tokenizer, runtime, input_file, output, batch_size, max_length)
     click.echo(f"scored {count} rows into {output}")
-
-
-def load_reward_model(model: str, runtime, adapter_path: Path | None = None, trust_remote_code: bool = False):
-    """The reward model (a score head on its base, with an optional peft adapter) and its tokenizer, on the runtime's device."""
-    from tunesmith.data.tokenize import ensure_chat_template
-    from tunesmith.device import PRECISION_DTYPES
-    from tunesmith.models import load_model, load_tokenizer, resolve_model
-
-    model_path = resolve_model(model)
-    if adapter_path is None:
-        architectures = json.loads((model_path / "config.json").read_text(encoding="utf-8")).get("architectures") or []
-        if not any(name.endswith("ForSequenceClassification") for name in architectures):
-            raise ConfigError(
-                f"--model {model}: not a reward model (its architectures are {', '.join(architectures) or 'not named'}); "
-                "give the folder a 'tunesmith rm' run wrote (OUTPUT/final), or its base with --adapter OUTPUT/final"
-            )
-    else:
-        adapter_config = json.loads((adapter_path / "adapter_config.json").read_text(encoding="utf-8"))
-        if adapter_config.get("task_type") != "SEQ_CLS":
-            raise ConfigError(
-                f"--adapter {adapter_path}: not a reward model's adapter (task type {adapter_config.get('task_type')!r}, "
-                "expected SEQ_CLS as 'tunesmith rm' writes)"
-            )
-    tokenizer = load_tokenizer(model_path, trust_remote_code)
-    ensure_chat_template(tokenizer)  # as training did, so that rows render the same
-    from transformers.utils import logging as transformers_logging
-
-    verbosity = transformers_logging.get_verbosity()
-    if adapter_path is not None:  # the base's score head is new: its report of a missing head would mislead, the adapter brings it
-        transformers_logging.set_verbosity_error()
-    try:
-        loaded = load_model(
-            model_path, trust_remote_code, dtype=PRECISION_DTYPES[runtime.precision], attn_implementation=runtime.device.attention_implementation(),
-            model_kind="sequence_classification", pad_token_id=tokenizer.pad_token_id,
-        )
-    finally:
-        transformers_logging.set_verbosity(verbosity)
-    if adapter_path is not None:
-        from peft import PeftModel
-
-        loaded = PeftModel.from_pretrained(loaded, adapter_path)
-    loaded.to(runtime.device.setup(0))
-    loaded.eval()
-    return loaded, tokenizer
 
 
 def _from_prompt_and_completion(record: dict[str, Any]) -> dict[str, Any]:
@@ -131,15 +88,10 @@ def score_formats():
 
 def score_file(model, tokenizer, runtime, input_file: Path, output: Path, batch_size: int, max_length: int) -> int:
     """Score every row of ``input_file`` in batches, writing ``output`` (complete, or not at all); return the row count."""
-    import torch
-
-    from tunesmith.data.collate import collate_causal
     from tunesmith.data.examples import detect_format, to_example
     from tunesmith.data.readers import read_records
-    from tunesmith.data.tokenize import tokenize_prompt_and_responses
-    from tunesmith.data.types import Sample
     from tunesmith.errors import DataError
-    from tunesmith.models import sequence_scores
+    from tunesmith.reward_model import pair_sample, score_samples
 
     formats = score_formats()
     target = runtime.device.setup(0)
@@ -149,10 +101,7 @@ def score_file(model, tokenizer, runtime, input_file: Path, output: Path, batch_
     row_format, pending, count = None, [], 0
 
     def flush(out) -> None:
-        batch = collate_causal([[sample] for _, sample in pending], tokenizer.pad_token_id)
-        batch = {key: value.to(target) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
-        with torch.no_grad():
-            scores = sequence_scores(model, batch).tolist()
+        scores = score_samples(model, [sample for _, sample in pending], tokenizer.pad_token_id, target)
         for (record, _), value in zip(pending, scores):
             out.write(json.dumps({**record, "score": value}, ensure_ascii=False, default=str) + "\n")
         pending.clear()
@@ -164,13 +113,10 @@ def score_file(model, tokenizer, runtime, input_file: Path, output: Path, batch_
                     row_format = detect_format(record, f"{source}:{row}", formats)
                 example = to_example(record, row_format, source, row)
                 try:
-                    prompt_ids, (completion_ids,) = tokenize_prompt_and_responses(
-                        tokenizer, example.fields["prompt"], [example.fields["completion"]]
-                    )
+                    sample = pair_sample(tokenizer, example.fields["prompt"], example.fields["completion"], max_length)
                 except DataError as error:
                     raise DataError(f"{example.where}: {error}") from None
-                input_ids = (prompt_ids + completion_ids)[-max_length:]
-                pending.append((record, Sample(input_ids, list(input_ids))))
+                pending.append((record, sample))
                 count += 1
                 if len(pending) == batch_size:
                     flush(out)
