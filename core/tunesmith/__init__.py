@@ -50,6 +50,9 @@ _LAZY = {
     "create_plugin_manager": "tunesmith.plugins",
     "BatchOrder": "tunesmith.data.order",
     "MetricsLog": "tunesmith.metrics",
+    "Completion": "tunesmith.generation",
+    "GenerationOptions": "tunesmith.generation",
+    "generate_batch": "tunesmith.generation",
     "Step": "tunesmith.steps",
     "StepPlan": "tunesmith.steps",
     "StepSource": "tunesmith.steps",
@@ -71,16 +74,17 @@ if TYPE_CHECKING:
         FieldError,
         RowFormat,
     )
+    from tunesmith.data.order import BatchOrder
     from tunesmith.data.tokenize import tokenize_chat, tokenize_prompt_and_responses, tokenize_text
     from tunesmith.data.types import IGNORE_INDEX, Example, Sample
     from tunesmith.device import Device
+    from tunesmith.generation import Completion, GenerationOptions, generate_batch
     from tunesmith.losses import causal_lm_loss, sequence_logps
+    from tunesmith.metrics import MetricsLog
     from tunesmith.models import sequence_scores
     from tunesmith.plugins import create_plugin_manager
     from tunesmith.rewards import Reward, RewardResult, RewardRunner, check_reward_columns, load_rewards, parse_reward_option
     from tunesmith.steps import Step, StepPlan, StepSource
-    from tunesmith.data.order import BatchOrder
-    from tunesmith.metrics import MetricsLog
     from tunesmith.strategy import StepOutcome, Strategy
     from tunesmith.trainer import LossOutput, Trainer, TrainerContext
 
@@ -98,6 +102,9 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "Completion",
+    "GenerationOptions",
+    "generate_batch",
     "BatchOrder",
     "MetricsLog",
     "CONVERSATION_FORMATS",

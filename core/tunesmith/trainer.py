@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from tunesmith.device import Device
     from tunesmith.plugins import PluginManager
     from tunesmith.reference import ReferenceModel
+    from tunesmith.runtime import Runtime
     from tunesmith.steps import StepPlan, StepSource
     from tunesmith.strategy import Strategy
 
@@ -57,6 +58,13 @@ class TrainerContext:
     #: ``make_reference(path)``: the frozen model to compare the policy with, the starting weights
     #: when ``path`` is None (see :class:`~tunesmith.reference.ReferenceModel`)
     make_reference: Callable[[str | None], ReferenceModel]
+
+    @property
+    def runtime(self) -> Runtime:
+        """The run's device and precision as one :class:`~tunesmith.runtime.Runtime`, for loading further models (a reward model)."""
+        from tunesmith.runtime import Runtime
+
+        return Runtime(self.device, "the training run's device", self.precision)
 
 
 class Trainer(ABC):

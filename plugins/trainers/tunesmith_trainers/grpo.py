@@ -15,6 +15,10 @@ matters) and ``eps_low``/``eps_high`` = ``--epsilon``/``--epsilon-high``::
     loss_t = -min(r * A, clip(r, 1 - eps_low, 1 + eps_high) * A) + beta * kl_t
     kl_t   = exp(ref_t - logp_t) - (ref_t - logp_t) - 1      (the k3 estimator, beta = --beta)
 
+With ``--kl-bias-correction`` (the default, as in TRL) ``kl_t`` is weighted by ``r``, which
+makes its gradient the unbiased gradient of the reverse KL (DeepSeek-V3.2); the logged ``kl``
+is the weighted estimate then, as TRL logs it.
+
 Log-probabilities come from the logits divided by ``--temperature``, the distribution the
 completions were sampled from. ``--loss-type`` says how token losses make the step's loss:
 
@@ -144,7 +148,7 @@ class GRPOTrainer(Trainer):
             raise ConfigError("grpo has no evaluation on held-out data (it would need generation and rewards): leave out --eval-dataset and --val-split")
         if not options["reward"]:
             raise ConfigError("grpo needs at least one --reward NAME[:WEIGHT] to score completions (tunesmith plugins lists the installed rewards)")
-        self.rewards = load_rewards(options["reward"], context.plugins, device=context.device, precision=context.precision)
+        self.rewards = load_rewards(options["reward"], context.plugins, runtime=context.runtime)
         self.reference = context.make_reference(options["ref_model"] or None) if options["beta"] > 0 else None
 
     # -- data units ----------------------------------------------------------------------------
@@ -214,6 +218,8 @@ class GRPOTrainer(Trainer):
         metrics_per_token = {"clip_ratio": was_clipped.float()}
         if options["beta"] > 0:
             kl = k3_kl(logps, batch["ref_logps"].to(device)[trained])
+            if options["kl_bias_correction"]:
+                kl = kl * torch.exp(logps - old)
             losses = losses + options["beta"] * kl
             metrics_per_token["kl"] = kl.detach()
         with torch.no_grad():

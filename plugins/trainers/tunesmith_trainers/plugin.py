@@ -29,6 +29,7 @@ GRPO_OPTIONS = (
     OptionSpec("epsilon", 0.2, "Clipping: the probability ratio counts down to 1 - epsilon (and up to 1 + epsilon unless --epsilon-high).", click.FloatRange(min=0.0, max=1.0, min_open=True, max_open=True)),
     OptionSpec("epsilon_high", 0.0, "Upper clipping bound 1 + epsilon_high (DAPO's clip-higher); 0 uses --epsilon.", click.FloatRange(min=0.0)),
     OptionSpec("beta", 0.0, "Weight of the KL penalty against the reference model (k3 estimator); 0 loads no reference.", click.FloatRange(min=0.0)),
+    OptionSpec("kl_bias_correction", True, "Weight the KL penalty's tokens by the probability ratio, for an unbiased reverse-KL gradient (as TRL does by default)."),
     OptionSpec("num_iterations", 1, "Policy updates per generation of completions (mu in the GRPO paper).", click.IntRange(min=1)),
     OptionSpec("ref_model", "", "A model folder to use as the reference instead of the starting weights (with --beta above 0)."),
 )
