@@ -24,6 +24,7 @@ import torch
 
 from tests.helpers import adapter_weights, cpu_device, read_metrics, run_cli, write_jsonl
 from tunesmith.hooks import hookimpl
+from tunesmith.data.tokenize import tokenize_prompt_and_responses
 from tunesmith.models import load_model, load_tokenizer
 from tunesmith.plugins import create_plugin_manager
 from tunesmith.records import RewardSpec
@@ -238,6 +239,9 @@ def write_reward_module(folder):
         "def exact(prompts, completions, answer, **columns):\n"
         "    return [1.0 if c.strip() == a else 0.0 for c, a in zip(completions, answer)]\n"
         "\n"
+        "def one_number(prompts, completions, **columns):\n"
+        "    return [1.0 if len(c.strip()) == 1 and c.strip().isdigit() else 0.0 for c in completions]\n"
+        "\n"
         "def slow(prompts, completions, **columns):\n"
         "    import time\n"
         "    time.sleep(30)\n"
@@ -260,7 +264,7 @@ def test_sigkill_then_rerun_is_bit_identical(tiny_model_dir, tmp_path, monkeypat
     def command(output):
         # Two updates per generation, with the KL penalty: the rollouts of a generation, their old and
         # reference log-probabilities are in the checkpoint between its two updates.
-        return grpo_command(tiny_model_dir, data, output, "--max-steps", "8", "--save-steps", "3", "--num-iterations", "2", "--beta", "0.05")
+        return grpo_command(tiny_model_dir, data, output, "--max-steps", "6", "--save-steps", "3", "--num-iterations", "2", "--beta", "0.05")
 
     uninterrupted = tmp_path / "uninterrupted"
     assert run_cli(*command(uninterrupted)) == 0
@@ -287,16 +291,56 @@ def test_sigkill_then_rerun_is_bit_identical(tiny_model_dir, tmp_path, monkeypat
     assert expected.keys() == resumed.keys()
     for key in expected:
         assert torch.equal(expected[key], resumed[key]), key
-    assert read_metrics(uninterrupted) == read_metrics(output) or _same_rewards(uninterrupted, output)
+    assert rewards_logged(uninterrupted) == rewards_logged(output)
     samples = [json.loads(line) for line in (output / "samples.jsonl").read_text().splitlines()]
     assert [s["step"] for s in samples] == [s["step"] for s in map(json.loads, (uninterrupted / "samples.jsonl").read_text().splitlines())]
 
 
-def _same_rewards(first, second) -> bool:
-    def rewards(folder):
-        return [(r["step"], r["reward"]) for r in read_metrics(folder) if "reward" in r]
+def rewards_logged(folder) -> list[tuple[int, float]]:
+    return [(r["step"], r["reward"]) for r in read_metrics(folder) if "reward" in r]
 
-    return rewards(first) == rewards(second)
+
+def probability_of_the_right_sums(model_dir) -> float:
+    """The policy's expected exact-sum reward, computed rather than sampled: the mean over prompts of
+    the probability of generating the right answer (its tokens, then the end of the turn)."""
+    tokenizer, model = load_tokenizer(model_dir), load_model(model_dir)
+    probabilities = []
+    for row in LEARNING_PROMPTS:
+        prompt_ids, (answer_ids,) = tokenize_prompt_and_responses(
+            tokenizer, [{"role": "user", "content": row["prompt"]}], [[{"role": "assistant", "content": row["answer"]}]]
+        )
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt_ids + answer_ids])).logits[0, len(prompt_ids) - 1 : -1].float()
+        probabilities.append(float(torch.log_softmax(logits, -1).gather(1, torch.tensor(answer_ids)[:, None]).sum().exp()))
+    return sum(probabilities) / len(probabilities)
+
+
+LEARNING_PROMPTS = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in (1, 2) for b in (1, 2)]
+
+
+def test_grpo_raises_the_reward_of_a_warmed_up_model(tiny_model_dir, tmp_path, monkeypatch):
+    """Sums of two small numbers. A few SFT steps on every prompt paired with each of the sums 2, 3
+    and 4 teach the answer's shape (one number, then the end of the turn) and leave the right one
+    at about a third; GRPO, rewarded for the exact sum (and half as much for answering with one
+    number: pushing wrong sums down must not push garbage up), then raises the chance of it."""
+    monkeypatch.chdir(tmp_path)
+    write_reward_module(tmp_path)
+    warmup = write_jsonl(tmp_path / "warmup.jsonl", [
+        {"messages": [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": str(answer)}]}
+        for row in LEARNING_PROMPTS for answer in (2, 3, 4)
+    ])
+    assert run_cli("sft", "--model", tiny_model_dir, "--dataset", warmup, "--output-dir", tmp_path / "sft", "--adapter", "full",
+                   "--precision", "fp32", "--max-steps", "30", "--batch-size", "12", "--learning-rate", "1e-2", "--warmup-steps", "0") == 0
+    data = write_jsonl(tmp_path / "sums.jsonl", LEARNING_PROMPTS)
+    output = tmp_path / "grpo"
+    assert run_cli(*grpo_command(tmp_path / "sft" / "final", data, output, "--adapter", "full", "--max-steps", "20",
+                                 "--learning-rate", "2e-3", "--warmup-steps", "0", "--lr-scheduler", "constant",
+                                 "--num-generations", "8", "--batch-size", "8", "--max-completion-length", "3",
+                                 "--reward", "sum_rewards:one_number:0.5")) == 0
+    before, after = probability_of_the_right_sums(tmp_path / "sft" / "final"), probability_of_the_right_sums(output / "final")
+    logged = [reward for _, reward in rewards_logged(output)]
+    assert after > before + 0.08, (before, after, logged)
+    assert sum(logged[-5:]) > sum(logged[:5]), logged
 
 
 def test_a_hung_reward_scores_nothing_and_the_run_goes_on(tiny_model_dir, tmp_path, monkeypatch):
