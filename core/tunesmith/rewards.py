@@ -113,7 +113,7 @@ def load_rewards(values: Sequence[str], manager, *, runtime=None) -> list[Reward
 def _registered(name: str, manager, value: str) -> Callable:
     registered = manager.collect("reward")
     if name not in registered:
-        installed = ", ".join(sorted(registered)) or "none (pip install tunesmith-rewards for the built-in ones)"
+        installed = ", ".join(sorted(registered)) or "none (the built-in ones come with tunesmith-rewards: is it installed, and allowed by TUNESMITH_PLUGINS?)"
         raise ConfigError(
             f"--reward {value}: no reward named {name!r} is installed; installed rewards: {installed}. "
             "A function of your own is given as module:function"

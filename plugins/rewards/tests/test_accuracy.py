@@ -73,6 +73,10 @@ def test_accuracy_is_none_for_a_row_without_a_reference():
     assert accuracy_reward(["q"] * 3, ["<answer>1</answer>", "2", "3"], answer=[None, "2", " "], level=[1, 2, 3]) == [None, 1.0, None]
 
 
+def test_accuracy_takes_a_numeric_answer_column():
+    assert accuracy_reward(["q", "q"], ["#### 72", "<answer>0.25</answer>"], answer=[72, 0.25]) == [1.0, 1.0]
+
+
 def test_accuracy_reads_conversational_completions():
     completions = [[{"role": "assistant", "content": "<answer>9</answer>"}]]
     assert accuracy_reward(["q"], completions, answer=["9"]) == [1.0]
