@@ -8,6 +8,7 @@ as are ``1,234`` and ``1234`` or ``x+1`` and ``1+x``.
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 
@@ -18,6 +19,18 @@ NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
 
 #: seconds math-verify may spend parsing or comparing one answer on the main thread
 MATH_TIMEOUT = 5
+
+
+class _TimeoutAdviceFilter(logging.Filter):
+    """Drops math-verify's warning that, without its own timeout, the caller must bound the call:
+    off the main thread tunesmith's reward runner does (``--reward-timeout``), so it would mislead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Timeout is disabled")
+
+
+for _name in ("math_verify.parser", "math_verify.grader"):
+    logging.getLogger(_name).addFilter(_TimeoutAdviceFilter())
 
 
 def _last_boxed(text: str) -> str | None:

@@ -32,7 +32,8 @@ def make_repetition_reward(ngram_size: int = DEFAULT_NGRAM_SIZE, max_penalty: fl
         raise ValueError(f"max_penalty {max_penalty}: expected a penalty of 0 or below")
 
     def repetition_reward(prompts, completions, **columns) -> list[float]:
-        return [max_penalty * repeated_share(completion_text(c), ngram_size) for c in completions]
+        shares = [repeated_share(completion_text(c), ngram_size) for c in completions]
+        return [max_penalty * share if share else 0.0 for share in shares]
 
     return repetition_reward
 
