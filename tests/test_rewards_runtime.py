@@ -183,9 +183,14 @@ def test_a_reward_model_scores_prompt_and_completion_as_a_direct_forward_does(re
     assert [json.loads(line)["score"] for line in (tmp_path / "scored.jsonl").read_text().splitlines()] == pytest.approx(scores, rel=1e-5)
 
 
-def test_rm_names_a_missing_folder(manager, tmp_path):
+def test_rm_refuses_what_is_not_a_reward_model(manager, tmp_path, tiny_model_dir):
     with pytest.raises(ConfigError, match=r"--reward rm:.*nowhere: .*nowhere is not a folder; expected a reward model"):
         load_rewards([f"rm:{tmp_path / 'nowhere'}"], manager)
+    with pytest.raises(ConfigError, match=r"--reward rm:.*: .* holds neither a model \(config.json\) nor an adapter"):
+        load_rewards([f"rm:{tmp_path}"], manager)
+    with pytest.raises(ConfigError, match=rf"^--reward rm:{tiny_model_dir}: not a reward model \(its architectures are LlamaForCausalLM\); "
+                       r"give the folder a 'tunesmith rm' run wrote \(OUTPUT/final\)$"):
+        load_rewards([f"rm:{tiny_model_dir}"], manager)
 
 
 # -- running -------------------------------------------------------------------------------------

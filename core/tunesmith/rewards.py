@@ -169,9 +169,14 @@ def _load_reward_model(path: str, runtime, value: str) -> Callable:
     if not folder.is_dir():
         raise ConfigError(f"--reward {value}: {path} is not a folder; expected a reward model, the OUTPUT/final of a 'tunesmith rm' run")
     if is_adapter_folder(folder):  # a LoRA run's OUTPUT/final: the base comes from its run
-        model, tokenizer = load_reward_model(base_model(None, folder), runtime, folder)
+        model, tokenizer = load_reward_model(base_model(None, folder), runtime, folder, given_as=f"--reward {value}")
+    elif (folder / "config.json").is_file():
+        model, tokenizer = load_reward_model(path, runtime, given_as=f"--reward {value}")
     else:
-        model, tokenizer = load_reward_model(path, runtime)
+        raise ConfigError(
+            f"--reward {value}: {path} holds neither a model (config.json) nor an adapter (adapter_config.json); "
+            "expected the OUTPUT/final of a 'tunesmith rm' run"
+        )
     return RewardModelScorer(model, tokenizer, runtime)
 
 
