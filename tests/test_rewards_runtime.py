@@ -292,6 +292,25 @@ def test_a_reward_failing_only_on_whole_batches_names_the_batch_rows():
         run(runner, ["a", "b"])
 
 
+def test_a_failing_reward_whose_rows_outlast_the_timeout_names_the_batch_rows():
+    release = threading.Event()
+
+    def slow_rows(prompts, completions, **columns):
+        if len(completions) > 1:
+            raise RuntimeError("bad batch")
+        release.wait(30)
+        return [1.0]
+
+    runner = RewardRunner([Reward("slow", 1.0, slow_rows, ())], timeout=0.3)
+    started = time.perf_counter()
+    try:
+        with pytest.raises(RewardError, match=r"reward slow raised RuntimeError\('bad batch'\) on a batch of rows data.jsonl:1, data.jsonl:2$"):
+            run(runner, ["a", "b"])
+        assert time.perf_counter() - started < 1.3
+    finally:
+        release.set()
+
+
 @pytest.mark.parametrize(
     ("returned", "message"),
     [

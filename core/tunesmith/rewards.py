@@ -324,12 +324,14 @@ class RewardRunner:
             if call is not None:
                 remaining = None if self.timeout is None else max(0.0, started + self.timeout - time.perf_counter())
                 call.done.wait(remaining)
-            if call is None or not call.done.is_set():
+            # A call that raised but is still searching for its first failing row has failed, not timed out.
+            if call is None or not (call.done.is_set() or call.error is not None):
                 result.values[reward.name] = [None] * count
                 result.seconds[reward.name] = time.perf_counter() - started
                 result.timed_out[reward.name], result.errors_skipped[reward.name] = count, 0
                 continue
-            result.seconds[reward.name], result.timed_out[reward.name] = call.seconds, 0
+            result.seconds[reward.name] = call.seconds if call.done.is_set() else time.perf_counter() - started
+            result.timed_out[reward.name] = 0
             try:
                 result.values[reward.name] = self._values(call, rows)
                 result.errors_skipped[reward.name] = 0
