@@ -183,6 +183,30 @@ def test_a_reward_model_scores_prompt_and_completion_as_a_direct_forward_does(re
     assert [json.loads(line)["score"] for line in (tmp_path / "scored.jsonl").read_text().splitlines()] == pytest.approx(scores, rel=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # raised inside peft
+def test_a_lora_reward_models_folder_loads_on_the_base_its_adapter_names(reward_model_dir, manager, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer, LlamaForSequenceClassification
+
+    from tunesmith.runtime import select_runtime
+
+    base = LlamaForSequenceClassification.from_pretrained(reward_model_dir, dtype=torch.float32)
+    torch.manual_seed(2)
+    lora = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
+    lora.save_pretrained(tmp_path / "final")
+    (reward,) = load_rewards([f"rm:{tmp_path / 'final'}"], manager, runtime=select_runtime(manager, "cpu", "fp32"))
+    score = reward.fn(["What is 2+2?"], ["It is 4."])
+
+    tokenizer = AutoTokenizer.from_pretrained(reward_model_dir)
+    messages = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "It is 4."}]
+    ids = torch.tensor([tokenizer(tokenizer.apply_chat_template(messages, tokenize=False).rstrip(), add_special_tokens=False)["input_ids"]])
+    inner = lora.base_model.model
+    with torch.no_grad():
+        expected = inner.score(inner.model(input_ids=ids).last_hidden_state)[0, -1, 0].item()
+    assert score == [pytest.approx(expected, rel=1e-4, abs=1e-5)]
+
+
 def test_rm_refuses_what_is_not_a_reward_model(manager, tmp_path, tiny_model_dir):
     with pytest.raises(ConfigError, match=r"--reward rm:.*nowhere: .*nowhere is not a folder; expected a reward model"):
         load_rewards([f"rm:{tmp_path / 'nowhere'}"], manager)
