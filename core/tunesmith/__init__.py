@@ -15,6 +15,7 @@ from tunesmith.hooks import hookimpl, hookspec
 from tunesmith.records import (
     DeviceCapabilities,
     DeviceSpec,
+    GenerationBackendSpec,
     OptimizerSpec,
     OptionSpec,
     RewardSpec,
@@ -50,6 +51,11 @@ _LAZY = {
     "Step": "tunesmith.steps",
     "StepPlan": "tunesmith.steps",
     "StepSource": "tunesmith.steps",
+    "Completion": "tunesmith.generation",
+    "GenerationOptions": "tunesmith.generation",
+    "generate_batch": "tunesmith.generation",
+    "GenerationBackend": "tunesmith.generation_backend",
+    "create_generation_backend": "tunesmith.generation_backend",
 }
 
 if TYPE_CHECKING:
@@ -64,6 +70,8 @@ if TYPE_CHECKING:
     from tunesmith.data.tokenize import tokenize_chat, tokenize_prompt_and_responses, tokenize_text
     from tunesmith.data.types import IGNORE_INDEX, Example, Sample
     from tunesmith.device import Device
+    from tunesmith.generation import Completion, GenerationOptions, generate_batch
+    from tunesmith.generation_backend import GenerationBackend, create_generation_backend
     from tunesmith.losses import causal_lm_loss, sequence_logps
     from tunesmith.models import sequence_scores
     from tunesmith.plugins import create_plugin_manager
@@ -91,12 +99,16 @@ __all__ = [
     "RowFormat",
     "TrainerContext",
     "UNPAIRED_PREFERENCE_FORMATS",
+    "Completion",
     "ConfigError",
     "DataError",
     "Device",
     "DeviceCapabilities",
     "DeviceSpec",
     "Example",
+    "GenerationBackend",
+    "GenerationBackendSpec",
+    "GenerationOptions",
     "IGNORE_INDEX",
     "LossOutput",
     "OptimizerSpec",
@@ -117,7 +129,9 @@ __all__ = [
     "Unavailable",
     "causal_lm_loss",
     "collate_causal",
+    "create_generation_backend",
     "create_plugin_manager",
+    "generate_batch",
     "hookimpl",
     "hookspec",
     "tokenize_chat",
