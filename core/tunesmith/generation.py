@@ -113,20 +113,24 @@ def generate_batch(
     """Continue every prompt ``num_return_sequences`` times, all in one batch; prompt-major order.
 
     ``prompts`` are token ids (:func:`prompt_ids` renders a chat). ``model`` is a transformers
-    causal LM or a peft model around one, not a strategy's wrapper: unwrap DDP, FSDP or
-    DeepSpeed first (an FSDP-sharded model is called as it is, with ``all_finished``). It runs
-    without gradients, in eval mode, with activation checkpointing off and the KV cache on, and
-    is returned to its own modes afterwards. A completion ends at a token of
-    :func:`stop_token_ids`, at any of ``stop_strings`` or after ``options.max_new_tokens``.
+    causal LM or a peft model around one, not a strategy's wrapper: pass
+    ``strategy.unwrap(model)`` (under FSDP2 that is the sharded model itself, so pass
+    ``all_finished`` too). It runs without gradients, in eval mode, with activation
+    checkpointing off and the KV cache on, and is returned to its own modes afterwards, also
+    when generation fails. A completion ends at a token of :func:`stop_token_ids`, at any of
+    ``stop_strings`` (matched in the text without special tokens) or after
+    ``options.max_new_tokens``.
 
     Sampling draws only from ``generator`` (on the model's device); without one, a generator is
     made, seeded from ``options.seed`` when set. The global RNG is never used.
 
     ``all_finished`` makes several processes step together, as a sharded model needs (each
-    forward pass gathers parameters from every process). It is called after each step with
-    whether this process's completions have all ended, and must return whether every process's
-    have, e.g. by an all-reduce of that flag; until it does, a finished process keeps running
-    forward passes on padding. Without it, generation stops as soon as this process is done.
+    forward pass gathers parameters from every process). It is called before each step after
+    the first with whether this process's completions have all ended, and must return whether
+    every process's have, e.g. by an all-reduce of that flag; until it does, a finished process
+    keeps running forward passes on padding. Every process must pass the same
+    ``options.max_new_tokens`` and at least one prompt. Without it, generation stops as soon as
+    this process is done.
 
     Example::
 
