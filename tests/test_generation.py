@@ -37,8 +37,8 @@ def tokenizer(tiny_model_dir):
     return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
-@pytest.fixture(scope="module")
-def model(tokenizer):
+def toy_model(tokenizer) -> LlamaForCausalLM:
+    """The same float64 model every time it is built, whatever the global RNG's state."""
     config = LlamaConfig(
         vocab_size=VOCABULARY,
         hidden_size=64,
@@ -59,10 +59,18 @@ def model(tokenizer):
 
 
 @pytest.fixture(scope="module")
+def model(tokenizer):
+    return toy_model(tokenizer)
+
+
+#: three prompts of different lengths, so that the batch pads them differently
+PROMPTS = [[1, 300, 1200], [1, *range(700, 1900, 150)], [5, 17, 1999, 640, 2000]]
+
+
+@pytest.fixture(scope="module")
 def prompts(tokenizer):
-    """Three prompts of different lengths, so that the batch pads them differently."""
     assert max(tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id) < VOCABULARY
-    return [[tokenizer.bos_token_id, 300, 1200], [tokenizer.bos_token_id, *range(700, 1900, 150)], [5, 17, 1999, 640, 2000]]
+    return PROMPTS
 
 
 def transformers_ids(model, tokenizer, prompt: list[int], options: GenerationOptions, seed: int | None = None, eos=None) -> list[int]:
