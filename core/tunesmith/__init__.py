@@ -54,6 +54,7 @@ _LAZY = {
     "Completion": "tunesmith.generation",
     "GenerationOptions": "tunesmith.generation",
     "generate_batch": "tunesmith.generation",
+    "every_process_finished": "tunesmith.generation",
     "GenerationBackend": "tunesmith.generation_backend",
     "create_generation_backend": "tunesmith.generation_backend",
 }
@@ -70,7 +71,7 @@ if TYPE_CHECKING:
     from tunesmith.data.tokenize import tokenize_chat, tokenize_prompt_and_responses, tokenize_text
     from tunesmith.data.types import IGNORE_INDEX, Example, Sample
     from tunesmith.device import Device
-    from tunesmith.generation import Completion, GenerationOptions, generate_batch
+    from tunesmith.generation import Completion, GenerationOptions, every_process_finished, generate_batch
     from tunesmith.generation_backend import GenerationBackend, create_generation_backend
     from tunesmith.losses import causal_lm_loss, sequence_logps
     from tunesmith.models import sequence_scores
@@ -131,6 +132,7 @@ __all__ = [
     "collate_causal",
     "create_generation_backend",
     "create_plugin_manager",
+    "every_process_finished",
     "generate_batch",
     "hookimpl",
     "hookspec",
