@@ -251,3 +251,7 @@ def test_bad_arguments_say_what_is_wrong(model, tokenizer, prompts):
     with pytest.raises(ConfigError, match="needs at least one prompt"):
         generate_batch(model, tokenizer, [], GREEDY, all_finished=lambda done: True)
     assert generate_batch(model, tokenizer, [], GREEDY) == []
+    with torch.device("meta"):
+        elsewhere = LlamaForCausalLM(model.config)
+    with pytest.raises(ConfigError, match=r"the generator is on cpu but the model is on meta; make it there: torch.Generator\(device='meta'\)"):
+        generate_batch(elsewhere, tokenizer, prompts, SAMPLED, generator=seeded(0))
