@@ -527,3 +527,65 @@ def test_collectives_combine_every_process(tmp_path):
         assert results["broadcast"] == [2.0, 20.0]
         assert results["objects"] == [{"rank": 0}, {"rank": 1}]
     assert sorted([first["unchanged"], second["unchanged"]]) == [[1.0, 10.0], [2.0, 20.0]]  # inputs are not modified in place
+
+
+def generate_as_rank(rank: int, world_size: int, port: int, tokenizer_dir: str, work: list, output: str) -> None:
+    """One FSDP2 process generating its own prompts with the sharded toy model of test_generation."""
+    from torch.distributed.fsdp import fully_shard
+    from transformers import AutoTokenizer
+
+    from tests.test_generation import GREEDY, toy_model
+    from tunesmith.generation import every_process_finished, generate_batch
+    from tunesmith.launch import ProcessEnvironment
+    from tunesmith.strategies.fsdp import FSDPStrategy
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    strategy = FSDPStrategy(cpu_device(), "fp32", ProcessEnvironment(rank, world_size, rank, world_size, launched=True))
+    strategy.setup_environment()
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model = toy_model(tokenizer)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    forwards = []
+    model.register_forward_hook(lambda *args: forwards.append(1))
+    prompts, stop_strings = work[rank]
+    completions = generate_batch(
+        model, tokenizer, prompts, GREEDY, stop_strings=stop_strings, all_finished=every_process_finished(strategy)
+    )
+    result = {"token_ids": [c.token_ids for c in completions], "finish_reasons": [c.finish_reason for c in completions]}
+    Path(output, f"rank{rank}.json").write_text(json.dumps({**result, "forwards": len(forwards)}))
+    strategy.teardown()
+
+
+def test_sharded_processes_that_finish_at_different_steps_generate_in_lockstep(tiny_model_dir, tmp_path):
+    # Every FSDP2 forward gathers parameters from both processes: had the early finisher stopped
+    # stepping, the other would wait for it forever. Each generates what it would alone.
+    from transformers import AutoTokenizer
+
+    from tests.test_generation import GREEDY, PROMPTS, toy_model
+    from tunesmith.generation import generate_batch
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = toy_model(tokenizer)
+    first = generate_batch(model, tokenizer, PROMPTS[:1], GREEDY)[0].token_ids
+    work = [(PROMPTS[:1], [tokenizer.decode(first[1:3])]), (PROMPTS[1:], [])]  # rank 0 stops by its third token
+    alone = [generate_batch(model, tokenizer, prompts, GREEDY, stop_strings=stops) for prompts, stops in work]
+    assert alone[0][0].finish_reason == "stop" and len(alone[0][0].token_ids) <= 3
+    assert all(c.finish_reason == "length" for c in alone[1])
+
+    context = torch.multiprocessing.start_processes(
+        generate_as_rank, args=(2, free_port(), str(tiny_model_dir), work, str(tmp_path)), nprocs=2, start_method="spawn", join=False
+    )
+    deadline = time.monotonic() + TIMEOUT_S
+    while not context.join(timeout=5):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the processes did not finish within {TIMEOUT_S} s: one is waiting for the other")
+    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    for result, expected in zip(results, alone):
+        assert result["token_ids"] == [c.token_ids for c in expected]
+        assert result["finish_reasons"] == [c.finish_reason for c in expected]
+    assert results[0]["forwards"] == results[1]["forwards"] == GREEDY.max_new_tokens

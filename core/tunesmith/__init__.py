@@ -15,6 +15,7 @@ from tunesmith.hooks import hookimpl, hookspec
 from tunesmith.records import (
     DeviceCapabilities,
     DeviceSpec,
+    GenerationBackendSpec,
     OptimizerSpec,
     OptionSpec,
     RewardSpec,
@@ -62,6 +63,9 @@ _LAZY = {
     "check_reward_columns": "tunesmith.rewards",
     "load_rewards": "tunesmith.rewards",
     "parse_reward_option": "tunesmith.rewards",
+    "every_process_finished": "tunesmith.generation",
+    "GenerationBackend": "tunesmith.generation_backend",
+    "create_generation_backend": "tunesmith.generation_backend",
 }
 
 if TYPE_CHECKING:
@@ -78,7 +82,8 @@ if TYPE_CHECKING:
     from tunesmith.data.tokenize import tokenize_chat, tokenize_prompt_and_responses, tokenize_text
     from tunesmith.data.types import IGNORE_INDEX, Example, Sample
     from tunesmith.device import Device
-    from tunesmith.generation import Completion, GenerationOptions, generate_batch
+    from tunesmith.generation import Completion, GenerationOptions, every_process_finished, generate_batch
+    from tunesmith.generation_backend import GenerationBackend, create_generation_backend
     from tunesmith.losses import causal_lm_loss, sequence_logps
     from tunesmith.metrics import MetricsLog
     from tunesmith.models import sequence_scores
@@ -102,9 +107,6 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "Completion",
-    "GenerationOptions",
-    "generate_batch",
     "BatchOrder",
     "MetricsLog",
     "CONVERSATION_FORMATS",
@@ -114,12 +116,16 @@ __all__ = [
     "RowFormat",
     "TrainerContext",
     "UNPAIRED_PREFERENCE_FORMATS",
+    "Completion",
     "ConfigError",
     "DataError",
     "Device",
     "DeviceCapabilities",
     "DeviceSpec",
     "Example",
+    "GenerationBackend",
+    "GenerationBackendSpec",
+    "GenerationOptions",
     "IGNORE_INDEX",
     "LossOutput",
     "OptimizerSpec",
@@ -145,7 +151,10 @@ __all__ = [
     "causal_lm_loss",
     "check_reward_columns",
     "collate_causal",
+    "create_generation_backend",
     "create_plugin_manager",
+    "every_process_finished",
+    "generate_batch",
     "hookimpl",
     "hookspec",
     "load_rewards",

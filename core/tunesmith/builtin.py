@@ -1,9 +1,10 @@
-"""Registrations of what ships inside the core: the cpu device and the built-in strategies."""
+"""Registrations of what ships inside the core: the cpu device, the built-in strategies and the
+``transformers`` generation backend."""
 
 import click
 
 from tunesmith.hooks import hookimpl
-from tunesmith.records import DeviceCapabilities, DeviceSpec, OptionSpec, StrategySpec
+from tunesmith.records import DeviceCapabilities, DeviceSpec, GenerationBackendSpec, OptionSpec, StrategySpec
 
 
 def cpu_is_available() -> bool:
@@ -61,4 +62,15 @@ def tunesmith_register_strategies():
                 OptionSpec("deepspeed", "", "A DeepSpeed JSON config file for the ZeRO settings; batch sizes, clipping and precision still come from tunesmith's options."),
             ),
         ),
+    ]
+
+
+@hookimpl
+def tunesmith_register_generation_backends():
+    return [
+        GenerationBackendSpec(
+            name="transformers",
+            backend="tunesmith.generation_backend:TransformersBackend",
+            description="generates with the training model itself, batched, with a KV cache",
+        )
     ]

@@ -189,8 +189,9 @@ def decode(
             return
         # The new token is attended to only where it is real; a finished row continues on padding.
         attention_mask = torch.cat([attention_mask, running[:, None].long()], dim=1)
-        running = torch.tensor([row.finish_reason is None for row in rows], dtype=torch.bool, device=device)
-        local_done = not running.any().item()
+        still_running = [row.finish_reason is None for row in rows]
+        running = torch.tensor(still_running, dtype=torch.bool, device=device)
+        local_done = not any(still_running)
         if all_finished(local_done) if all_finished is not None else local_done:
             return
         logits = _forward(model, tokens[:, None], attention_mask, cache, cache_keyword)

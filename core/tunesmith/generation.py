@@ -113,26 +113,31 @@ def generate_batch(
     """Continue every prompt ``num_return_sequences`` times, all in one batch; prompt-major order.
 
     ``prompts`` are token ids (:func:`prompt_ids` renders a chat). ``model`` is a transformers
-    causal LM or a peft model around one, not a strategy's wrapper: unwrap DDP, FSDP or
-    DeepSpeed first (an FSDP-sharded model is called as it is, with ``all_finished``). It runs
-    without gradients, in eval mode, with activation checkpointing off and the KV cache on, and
-    is returned to its own modes afterwards. A completion ends at a token of
-    :func:`stop_token_ids`, at any of ``stop_strings`` or after ``options.max_new_tokens``.
+    causal LM or a peft model around one, not a strategy's wrapper: pass
+    ``strategy.unwrap(model)`` (under FSDP2 that is the sharded model itself, so pass
+    ``all_finished`` too). It runs without gradients, in eval mode, with activation
+    checkpointing off and the KV cache on, and is returned to its own modes afterwards, also
+    when generation fails. A completion ends at a token of :func:`stop_token_ids`, at any of
+    ``stop_strings`` (matched in the text without special tokens) or after
+    ``options.max_new_tokens``.
 
     Sampling draws only from ``generator`` (on the model's device); without one, a generator is
     made, seeded from ``options.seed`` when set. The global RNG is never used.
 
     ``all_finished`` makes several processes step together, as a sharded model needs (each
-    forward pass gathers parameters from every process). It is called after each step with
-    whether this process's completions have all ended, and must return whether every process's
-    have, e.g. by an all-reduce of that flag; until it does, a finished process keeps running
-    forward passes on padding. Without it, generation stops as soon as this process is done.
+    forward pass gathers parameters from every process). It is called before each step after
+    the first with whether this process's completions have all ended, and must return whether
+    every process's have (:func:`every_process_finished` asks a strategy's processes); until
+    it does, a finished process keeps running forward passes on padding. Every process must
+    pass the same ``options.max_new_tokens`` and at least one prompt. Without it, generation
+    stops as soon as this process is done.
 
     Example::
 
         ids = [prompt_ids(tokenizer, [{"role": "user", "content": q}]) for q in questions]
-        completions = generate_batch(model, tokenizer, ids, GenerationOptions(temperature=1.0),
-                                     num_return_sequences=8, generator=torch.Generator().manual_seed(0))
+        completions = generate_batch(strategy.unwrap(model), tokenizer, ids, GenerationOptions(temperature=1.0),
+                                     num_return_sequences=8, generator=torch.Generator().manual_seed(0),
+                                     all_finished=every_process_finished(strategy))
     """
     if num_return_sequences < 1:
         raise ConfigError(f"num_return_sequences {num_return_sequences}: expected at least 1")
@@ -167,6 +172,16 @@ def generate_batch(
         )
         for index, row in enumerate(rows)
     ]
+
+
+def every_process_finished(strategy) -> Callable[[bool], bool]:
+    """The ``all_finished`` of :func:`generate_batch` for ``strategy``'s processes: each process
+    tells whether it is done, and all of them hear True once every one is (an all-reduce)."""
+
+    def all_finished(done: bool) -> bool:
+        return bool(strategy.reduce(torch.tensor([int(done)]), "min").item())
+
+    return all_finished
 
 
 def generate_ids(model, tokenizer, messages: list[dict[str, str]], options: GenerationOptions) -> list[int]:

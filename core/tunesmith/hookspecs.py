@@ -25,6 +25,7 @@ if TYPE_CHECKING:
         DeviceCandidate,
         DeviceChoice,
         DeviceSpec,
+        GenerationBackendSpec,
         OptimizerSpec,
         RewardSpec,
         StrategySpec,
@@ -102,6 +103,26 @@ def tunesmith_register_rewards() -> Iterable[RewardSpec] | None:
         @hookimpl
         def tunesmith_register_rewards():
             return [RewardSpec(name="brevity", fn="my_rewards.scoring:brevity", description="prefers short answers")]
+    """
+
+
+@hookspec
+def tunesmith_register_generation_backends() -> Iterable[GenerationBackendSpec] | None:
+    """Register generation backends: what generates completions while a trainer trains.
+
+    Return :class:`GenerationBackendSpec` records. The backend class (a
+    :class:`tunesmith.generation_backend.GenerationBackend` subclass) is given as a dotted path
+    so that a heavy engine (vLLM) is imported only when chosen; ``devices`` lists the devices it
+    runs on. The built-in ``transformers`` backend runs everywhere, on the training model itself.
+
+    Example::
+
+        @hookimpl
+        def tunesmith_register_generation_backends():
+            if importlib.util.find_spec("my_engine") is None:
+                return None  # the engine is not installed: nothing to offer
+            return [GenerationBackendSpec(name="my-engine", backend="my_package.backend:MyBackend",
+                                          devices=("cuda",))]
     """
 
 

@@ -2,7 +2,7 @@
 
 Plugins are modules named by entry points in the ``tunesmith`` group. tunesmith's own
 built-ins (the cpu device, the ``single`` strategy, the ``sft``/``pt`` trainers, the
-optimizers) register through the same entry points and always load. Third-party plugins obey
+optimizers, the ``transformers`` generation backend) register through the same entry points and always load. Third-party plugins obey
 the ``TUNESMITH_PLUGINS`` allow-list: unset loads all, empty loads none, otherwise a
 comma-separated list of entry-point or distribution names; a name there that matches no
 installed plugin is reported once as a warning. A plugin that fails to import is reported as a
@@ -27,6 +27,7 @@ from tunesmith.records import (
     DeviceCandidate,
     DeviceChoice,
     DeviceSpec,
+    GenerationBackendSpec,
     OptimizerSpec,
     Registered,
     RewardSpec,
@@ -46,6 +47,7 @@ KINDS = {
     "trainer": "tunesmith_register_trainers",
     "optimizer": "tunesmith_register_optimizers",
     "reward": "tunesmith_register_rewards",
+    "generation backend": "tunesmith_register_generation_backends",
 }
 RECORD_TYPES = {
     "device": DeviceSpec,
@@ -53,6 +55,7 @@ RECORD_TYPES = {
     "trainer": TrainerSpec,
     "optimizer": OptimizerSpec,
     "reward": RewardSpec,
+    "generation backend": GenerationBackendSpec,
 }
 
 

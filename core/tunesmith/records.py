@@ -233,6 +233,31 @@ class RewardSpec:
 
 
 @dataclass(frozen=True)
+class GenerationBackendSpec:
+    """What generates a trainer's samples while it trains (GRPO rollouts).
+
+    ``backend`` is a :class:`tunesmith.generation_backend.GenerationBackend` subclass or its
+    dotted path, imported only when chosen. ``devices`` names the devices it can run on
+    (``("cuda",)``); empty means every device.
+    """
+
+    name: str
+    backend: Any
+    description: str = ""
+    devices: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        validate_name("generation backend", self.name)
+        if isinstance(self.devices, str):
+            raise PluginError(f"generation backend {self.name!r}: devices {self.devices!r}: expected a tuple of device names, e.g. ('cuda',)")
+        for device in self.devices:
+            validate_name("device", device)
+
+    def load(self):
+        return load_object(self.backend)
+
+
+@dataclass(frozen=True)
 class Registered:
     """A record together with the plugin and distribution that registered it."""
 

@@ -14,8 +14,9 @@ def plugins_command():
     """List installed plugins: kind, name, distribution, version, and device availability."""
     manager = create_plugin_manager()
     table = Table(title="tunesmith plugins")
-    # As wide as the terminal: the short columns stay whole, the others wrap (a long name folds).
-    table.add_column("kind", no_wrap=True)
+    # As wide as the terminal: the short columns stay whole, the others wrap (a long name folds);
+    # "generation backend" is the one kind that wraps.
+    table.add_column("kind")
     table.add_column("name", overflow="fold")
     table.add_column("distribution", overflow="fold")
     table.add_column("version", no_wrap=True)
