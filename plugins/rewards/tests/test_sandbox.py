@@ -111,9 +111,33 @@ def test_output_flood_is_capped(isolated):
 
 
 def test_disk_is_capped(isolated):
-    source = "try:\n    open('big', 'wb').write(b'x' * 20 * 2**20)\nexcept OSError as e:\n    print(type(e).__name__)"
-    result = run_python(source, disk_mb=8)
-    assert result.returncode != 0 or result.stdout.strip() == "OSError"
+    source = (
+        "import errno\n"
+        "try:\n"
+        "    open('big', 'wb').write(b'x' * 20 * 2**20)\n"
+        "except OSError as error:\n"
+        "    print(errno.errorcode[error.errno])\n"
+    )
+    assert run_python(source, disk_mb=8).stdout in ("ENOSPC\n", "EFBIG\n")
+
+
+def test_processes_are_capped(isolated):
+    source = (
+        "import os, time\n"
+        "started = 0\n"
+        "while True:\n"
+        "    try:\n"
+        "        if os.fork() == 0:\n"
+        "            time.sleep(10)\n"
+        "            os._exit(0)\n"
+        "    except OSError:\n"
+        "        break\n"
+        "    started += 1\n"
+        "print(started)\n"
+    )
+    result = run_python(source, max_processes=32, timeout=5)
+    # 32 where RLIMIT_NPROC applies; under the host's root the pid namespace's 300 pids
+    assert 0 < int(result.stdout) < 300 and not result.timed_out
 
 
 def test_writing_outside_the_temporary_directory_fails(isolated, victim):
