@@ -9,7 +9,9 @@ import pytest
 REWARDS = Path(__file__).resolve().parents[1] / "plugins" / "rewards"
 sys.path[:0] = [str(REWARDS), str(REWARDS / "tests")]
 
-from test_rewards import *  # noqa: E402,F401,F403  the distribution's value tests, run by this suite too
+from test_code_reward import *  # noqa: E402,F401,F403  the distribution's own tests, run by this suite too
+from test_rewards import *  # noqa: E402,F401,F403
+from test_sandbox import *  # noqa: E402,F401,F403
 
 from tunesmith.plugins import create_plugin_manager  # noqa: E402
 from tunesmith_rewards import plugin  # noqa: E402
@@ -19,10 +21,11 @@ def test_registers_its_rewards_by_dotted_path():
     manager = create_plugin_manager()
     manager.register(plugin, "tunesmith-rewards:rewards", distribution="tunesmith-rewards", version="0.1.0")
     rewards = manager.collect("reward")
-    assert set(rewards) == {"accuracy", "format", "length"}
+    assert set(rewards) == {"accuracy", "code", "format", "length"}
     assert {r.distribution for r in rewards.values()} == {"tunesmith-rewards"}
     accuracy = rewards["accuracy"].spec.load()
     assert accuracy(["What is 6*7?"], ["<think>6*7</think><answer>42</answer>"], answer=["42"]) == [1.0]
+    assert rewards["code"].spec.load().__name__ == "code_reward"
 
 
 def test_the_entry_point_names_the_plugin_module():
