@@ -52,6 +52,15 @@ def processes_with(marker: str) -> list[int]:
     return found
 
 
+def wait_for(condition, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def test_runs_a_program(isolated):
     result = run_python("import sys\nprint(sys.stdin.read().upper())\nprint('oops', file=sys.stderr)", stdin="hi")
     assert (result.returncode, result.stdout, result.stderr) == (0, "HI\n", "oops\n")
@@ -227,6 +236,20 @@ def test_setsid_daemon_does_not_outlive_the_run(isolated):
     assert processes_with(marker) == []
 
 
+def test_the_sandbox_ends_itself_when_its_host_dies(isolated):
+    token = secrets.token_hex(4)
+    marker = f"orphan-{token}"  # built in the sandbox, so that only the sandboxed process's command line has it
+    program = f"import os, sys\nos.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(60)', 'orphan-' + {token!r}])"
+    host_source = f"from tunesmith_rewards.sandbox import run_python\nrun_python({program!r}, timeout=1.0)"
+    host = subprocess.Popen([sys.executable, "-c", host_source], env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    try:
+        assert wait_for(lambda: processes_with(marker), seconds=5.0)
+    finally:
+        host.kill()
+        host.wait()
+    assert wait_for(lambda: not processes_with(marker), seconds=6.0)
+
+
 def test_subclasses_escape_gains_nothing(isolated, victim):
     source = (
         "classes = ().__class__.__bases__[0].__subclasses__()\n"
@@ -295,3 +318,10 @@ def test_a_sandbox_that_cannot_start_is_an_infrastructure_error(monkeypatch):
     monkeypatch.setattr(sandbox, "NAMESPACES", ["--no-such-option"])
     result = run_python("print(1)")
     assert result.returncode is None and result.infrastructure_error.startswith("the sandbox could not start")
+
+
+def test_the_availability_check_runs_the_sandbox_for_real(monkeypatch):
+    monkeypatch.setattr(sandbox, "NAMESPACES", ["--no-such-option"])
+    assert "--no-such-option" in sandbox.sandbox_available.__wrapped__()
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
+    assert "`unshare` tool (util-linux) is not installed" in sandbox.sandbox_available.__wrapped__()

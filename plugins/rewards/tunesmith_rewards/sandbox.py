@@ -144,7 +144,7 @@ def _run(source, *, isolated, stdin, timeout, memory_mb, max_output, disk_mb, ma
          max_open_files) -> SandboxResult:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="tunesmith-sandbox-") as workdir:
-        (Path(workdir) / "main.py").write_text(source)
+        (Path(workdir) / "main.py").write_text(source, encoding="utf-8")
         status_read, status_write = os.pipe()
         settings = {
             "workdir": workdir,

@@ -18,7 +18,8 @@ starting the program it
   unprivileged user, which locks those read-only mounts: the program cannot remount them.
 
 It then reaps orphans until the program exits and exits itself, which makes the kernel kill every
-process left in the pid namespace, ``setsid`` daemons included. In unisolated mode only the
+process left in the pid namespace, ``setsid`` daemons included; it also exits a little after the
+timeout, in case the process that started the sandbox is gone. In unisolated mode only the
 resource limits apply. It writes ``ready``, then ``exit N`` or ``signal N``, or ``error MESSAGE``
 when it could not set up, to ``status_fd``, which the program never sees. Standard library only:
 ``-S`` leaves out site-packages.
@@ -199,6 +200,10 @@ def main():
         user = ["--user", "--mount", "--map-user=1000", "--map-group=1000", "--"]
         command = [settings["unshare"], *user, *command]
     env = dict(settings["env"], HOME=workdir, TMPDIR=workdir)
+    if isolated:
+        # the host kills the sandbox at its timeout; this ends it too should the host have died
+        signal.signal(signal.SIGALRM, lambda signum, frame: os._exit(1))
+        signal.alarm(settings["cpu_seconds"] + 1)
     os.write(status, b"ready\n")
     program = os.fork()
     if program == 0:
