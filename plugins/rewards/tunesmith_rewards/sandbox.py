@@ -112,7 +112,9 @@ def run_python(
     space and use ``ceil(timeout) + 1`` seconds of CPU. It may write ``disk_mb`` in all and have
     ``max_open_files`` files open per process. It may have ``max_processes`` processes and
     threads where ``RLIMIT_NPROC`` applies, which it does not when the sandbox's user is the
-    host's root; there (and everywhere on Linux 6.14+) the pid namespace allows at most 300.
+    host's root; there (and everywhere on Linux 6.14+) its pid namespace allows at most
+    ``max(300, max_processes)``. Memory is limited per process, so in all a sandbox may map up to
+    ``memory_mb`` times its number of processes.
 
     When the sandbox is unavailable this returns a result whose ``infrastructure_error`` says so,
     unless ``TUNESMITH_SANDBOX=unisolated`` is set; then the program runs without isolation.
@@ -170,8 +172,10 @@ def _run(source, *, isolated, stdin, timeout, memory_mb, max_output, disk_mb, ma
             )
         except OSError as error:
             os.close(status_read)
-            return SandboxResult(None, "", "", False, False, time.monotonic() - started,
-                                 infrastructure_error=f"could not start the sandbox: {error}")
+            return SandboxResult(
+                returncode=None, stdout="", stderr="", truncated=False, timed_out=False,
+                seconds=time.monotonic() - started, infrastructure_error=f"could not start the sandbox: {error}",
+            )
         finally:
             os.close(status_write)
         with os.fdopen(status_read, "rb") as status:
@@ -181,18 +185,18 @@ def _run(source, *, isolated, stdin, timeout, memory_mb, max_output, disk_mb, ma
                 _kill(process)
             else:
                 process.wait()
-    seconds = time.monotonic() - started
     (stdout, stdout_cut), (stderr, stderr_cut) = outputs
+    result = dict(stdout=stdout, stderr=stderr, truncated=stdout_cut or stderr_cut, timed_out=timed_out,
+                  seconds=time.monotonic() - started)
     lines = status_text.decode(errors="replace").splitlines()
     if not lines or lines[0] != "ready":
         reason = lines[0].removeprefix("error ") if lines else stderr.strip() or "it exited before starting the program"
-        return SandboxResult(None, stdout, stderr, stdout_cut or stderr_cut, timed_out, seconds,
-                             infrastructure_error=f"the sandbox could not start: {reason}")
-    returncode = None
+        return SandboxResult(returncode=None, infrastructure_error=f"the sandbox could not start: {reason}", **result)
+    returncode = None  # the program did not finish: timed out, or its sandbox was killed from outside
     if len(lines) > 1:
         kind, number = lines[1].split()
         returncode = -int(number) if kind == "signal" else int(number)
-    return SandboxResult(returncode, stdout, stderr, stdout_cut or stderr_cut, timed_out, seconds)
+    return SandboxResult(returncode=returncode, **result)
 
 
 def _communicate(process, status, stdin: bytes, deadline: float, max_output: int):
