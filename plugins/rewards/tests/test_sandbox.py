@@ -315,13 +315,17 @@ def test_refuses_without_isolation_unless_allowed(monkeypatch):
 
 def test_a_sandbox_that_cannot_start_is_an_infrastructure_error(monkeypatch):
     monkeypatch.setattr(sandbox, "sandbox_available", lambda: None)
-    monkeypatch.setattr(sandbox, "NAMESPACES", ["--no-such-option"])
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: "/nonexistent/unshare")
+    result = run_python("print(1)")
+    assert result.returncode is None and result.infrastructure_error.startswith("could not start the sandbox")
+
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: "/bin/false")  # exits before the program
     result = run_python("print(1)")
     assert result.returncode is None and result.infrastructure_error.startswith("the sandbox could not start")
 
 
 def test_the_availability_check_runs_the_sandbox_for_real(monkeypatch):
-    monkeypatch.setattr(sandbox, "NAMESPACES", ["--no-such-option"])
-    assert "--no-such-option" in sandbox.sandbox_available.__wrapped__()
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: "/bin/false")
+    assert "exited before starting the program" in sandbox.sandbox_available.__wrapped__()
     monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
     assert "`unshare` tool (util-linux) is not installed" in sandbox.sandbox_available.__wrapped__()
