@@ -46,6 +46,9 @@ UNISOLATED_VALUE = "unisolated"
 NAMESPACES = ["--user", "--map-root-user", "--net", "--pid", "--fork", "--mount-proc", "--ipc", "--uts"]
 # the whole environment a sandboxed program starts with, besides HOME and TMPDIR (its directory)
 ENVIRONMENT = {"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8"}
+# the first process's own environment: one malloc arena, as each of its threads holding a pid would
+# otherwise reserve one of 64 MiB under its address-space limit
+INIT_ENVIRONMENT = dict(ENVIRONMENT, MALLOC_ARENA_MAX="1")
 INIT_SOURCE = (Path(__file__).with_name("sandbox_init.py")).read_text()
 # how long to wait for a killed sandbox to be reaped before giving up on it
 REAP_SECONDS = 5.0
@@ -168,7 +171,7 @@ def _run(source, *, isolated, stdin, timeout, memory_mb, max_output, disk_mb, ma
         try:
             process = subprocess.Popen(
                 command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                cwd=workdir, env=ENVIRONMENT, pass_fds=[status_write], start_new_session=True,
+                cwd=workdir, env=INIT_ENVIRONMENT, pass_fds=[status_write], start_new_session=True,
             )
         except OSError as error:
             os.close(status_read)

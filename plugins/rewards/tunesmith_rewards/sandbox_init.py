@@ -11,9 +11,8 @@ starting the program it
   ``/tmp`` a tmpfs of at most ``disk_bytes`` in which the program's working directory lives;
 - remounts every other mount read-only, but for ``/proc``, of which only the parts that reach
   beyond the sandbox (``/proc/sys``, ``/proc/sysrq-trigger`` ...) are;
-- caps the namespace's pid numbers (``/proc/sys/kernel/pid_max``, Linux 6.14+), so that even a
-  sandbox whose processes count as root's, which ``RLIMIT_NPROC`` does not bound, has at most a few
-  hundred processes;
+- caps the number of processes, also where they count as the host's root, whom ``RLIMIT_NPROC``
+  does not bound: then by the namespace's ``pid_max`` (Linux 6.14+) and idle threads holding pids;
 - starts the program through a second ``unshare`` into a nested user and mount namespace as an
   unprivileged user, which locks those read-only mounts: the program cannot remount them.
 
@@ -32,6 +31,7 @@ import re
 import resource
 import signal
 import sys
+import threading
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
 MS_REMOUNT, MS_BIND, MS_REC = 0x20, 0x1000, 0x4000
@@ -54,6 +54,7 @@ DEVICES = ["null", "zero", "full", "random", "urandom"]
 PROC_READ_ONLY = ["sys", "sysrq-trigger", "irq", "bus", "fs", "acpi", "scsi", "driver"]
 # the smallest pid_max the kernel accepts (RESERVED_PIDS + 1)
 MIN_PID_MAX = 301
+THREAD_STACK_BYTES = 32 * 1024
 
 libc = ctypes.CDLL(None, use_errno=True)
 
@@ -136,6 +137,12 @@ def runs_as_host_root():
 
 
 def cap_pids(max_processes):
+    """Cap the processes (and threads) of the pid namespace below this one at ``max_processes``.
+
+    ``RLIMIT_NPROC`` does that, but not for processes that count as the host's root. For those,
+    the namespace gets the smallest ``pid_max`` (Linux 6.14+), and idle threads of this process
+    hold every pid number beyond ``max_processes``.
+    """
     try:
         with open("/proc/sys/kernel/pid_max", "w") as pid_max:
             pid_max.write(str(max(MIN_PID_MAX, max_processes + 1)))
@@ -145,6 +152,12 @@ def cap_pids(max_processes):
                 "cannot bound the number of processes: RLIMIT_NPROC does not apply to root and this "
                 f"kernel does not let a pid namespace set its own pid_max (Linux 6.14+): {error}"
             ) from None
+        return
+    if runs_as_host_root():
+        threading.stack_size(THREAD_STACK_BYTES)
+        never = threading.Event()
+        for _ in range(MIN_PID_MAX - 2 - max_processes):  # pids 1 .. MIN_PID_MAX - 1, one is this process
+            threading.Thread(target=never.wait, daemon=True).start()
 
 
 def isolate(settings):
@@ -205,13 +218,8 @@ def main():
         signal.signal(signal.SIGALRM, lambda signum, frame: os._exit(1))
         signal.alarm(settings["cpu_seconds"] + 1)
     os.write(status, b"ready\n")
-    program = os.fork()
-    if program == 0:
-        try:
-            os.chdir(workdir)
-            os.execve(command[0], command, env)
-        finally:
-            os._exit(127)
+    os.chdir(workdir)
+    program = os.posix_spawn(command[0], command, env)
     while True:
         pid, wait_status = os.wait()
         if pid == program:
