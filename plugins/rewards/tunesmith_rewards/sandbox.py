@@ -105,7 +105,7 @@ def run_python(
     memory_mb: int = 512,
     max_output: int = 64_000,
     disk_mb: int = 64,
-    max_processes: int = 64,
+    max_processes: int = 16,
     max_open_files: int = 256,
 ) -> SandboxResult:
     """Run ``source`` with ``python -I -S`` (the standard library only) in the sandbox.
@@ -114,10 +114,10 @@ def run_python(
     ``timeout`` seconds of wall-clock time. Each of its processes may map ``memory_mb`` of address
     space and use ``ceil(timeout) + 1`` seconds of CPU. It may write ``disk_mb`` in all and have
     ``max_open_files`` files open per process. It may have ``max_processes`` processes and
-    threads where ``RLIMIT_NPROC`` applies, which it does not when the sandbox's user is the
-    host's root; there (and everywhere on Linux 6.14+) its pid namespace allows at most
-    ``max(300, max_processes)``. Memory is limited per process, so in all a sandbox may map up to
-    ``memory_mb`` times its number of processes.
+    threads in all: ``RLIMIT_NPROC`` counts them, or where it does not apply, when the sandbox's
+    user is the host's root, its pid namespace does (Linux 6.14+; older kernels make the sandbox
+    unavailable to root). Memory is limited per process, so in all a sandbox may map up to
+    ``memory_mb`` times ``max_processes``.
 
     When the sandbox is unavailable this returns a result whose ``infrastructure_error`` says so,
     unless ``TUNESMITH_SANDBOX=unisolated`` is set; then the program runs without isolation.
