@@ -17,9 +17,10 @@ sets up), so that the program
 This needs the ``unshare`` tool (util-linux) and a kernel that lets this user make user
 namespaces; :func:`sandbox_available` tries it once and says why not. Without it
 :func:`run_python` refuses, unless ``TUNESMITH_SANDBOX=unisolated`` is set: then the program
-still runs in a fresh directory, its own session, a minimal environment and under resource limits,
-but that is not isolation. It can read and write the user's files, use the network and leave
-processes behind.
+still runs in a fresh directory, its own session, a minimal environment and under the resource
+limits but the process cap (outside a user namespace ``RLIMIT_NPROC`` counts all the user's
+processes), but that is not isolation: it can read and write the user's files, use the network,
+start any number of processes and leave them behind.
 """
 
 from __future__ import annotations
