@@ -106,3 +106,16 @@ def test_none_without_tests_or_without_a_sandbox(monkeypatch):
     monkeypatch.setattr(sandbox, "sandbox_available", lambda: "no user namespaces here")
     monkeypatch.delenv(sandbox.UNISOLATED_ENV, raising=False)
     assert code_reward(["q", "q"], [ADD, "no code"], tests=[ADD_TESTS, ADD_TESTS]) == [None, 0.0]
+
+
+def test_hostile_completions_score_zero_and_training_goes_on(sandboxed):
+    hostile = [
+        "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass",
+        "chunks = []\nwhile True:\n    chunks.append(bytearray(2**24))",
+        "import os\nif os.fork() == 0:\n    os.setsid()\n    import time\n    time.sleep(60)",
+        "import ctypes\nctypes.CDLL(None).kill(-1, 9)",
+        "import os\nos.system('kill -9 -1')",
+    ]
+    completions = [f"```python\n{source}\n```" for source in hostile] + [ADD]
+    rewards = code_reward(["q"] * 6, completions, tests=[ADD_TESTS] * 6, timeout=[1.0] * 6)
+    assert rewards == [0.0] * 5 + [1.0]
