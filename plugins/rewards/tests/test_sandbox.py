@@ -104,11 +104,19 @@ def test_fork_bomb_is_contained(isolated):
 
 def test_memory_bomb_is_contained(isolated):
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    result = run_python("chunks = []\nwhile True:\n    chunks.append(bytearray(10 * 2**20))", memory_mb=200, timeout=5)
-    assert result.returncode == 1 and "MemoryError" in result.stderr
-    # ru_maxrss is in KiB: no process of the sandbox ever held more than its address-space limit
-    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 600 * 1024
-    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 50 * 1024
+    source = (
+        "import resource\n"
+        "chunks = []\n"
+        "try:\n"
+        "    while True:\n"
+        "        chunks.append(bytearray(10 * 2**20))\n"
+        "except MemoryError:\n"
+        "    chunks.clear()\n"
+        "    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n"
+    )
+    result = run_python(source, memory_mb=200, timeout=5)
+    assert result.returncode == 0 and int(result.stdout) < 200  # peak MiB of the sandboxed process
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 50 * 1024  # KiB
 
 
 def test_output_flood_is_capped(isolated):
