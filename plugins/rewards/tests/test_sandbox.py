@@ -203,26 +203,35 @@ def test_secrets_in_the_environment_are_not_readable(isolated, monkeypatch):
     assert secret not in result.stdout + result.stderr
 
 
-def test_sockets_reach_nothing(isolated):
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        listener.listen()
-        port = listener.getsockname()[1]
+def test_sockets_reach_nothing(isolated, tmp_path):
+    tcp, unix, abstract = socket.socket(), socket.socket(socket.AF_UNIX), socket.socket(socket.AF_UNIX)
+    with tcp, unix, abstract:
+        tcp.bind(("127.0.0.1", 0))
+        unix.bind(str(tmp_path / "listener.sock"))
+        abstract.bind(f"\0tunesmith-test-{secrets.token_hex(4)}")
+        listeners = [tcp, unix, abstract]
+        for listener in listeners:
+            listener.listen()
+            listener.setblocking(False)
+        addresses = [tcp.getsockname(), unix.getsockname(), abstract.getsockname(), ("1.1.1.1", 53)]
         source = (
             "import socket\n"
-            f"for address in [('127.0.0.1', {port}), ('1.1.1.1', 53)]:\n"
+            f"for address in {addresses!r}:\n"
+            "    family = socket.AF_INET if isinstance(address, tuple) else socket.AF_UNIX\n"
             "    try:\n"
-            "        socket.create_connection(address, timeout=1).close()\n"
+            "        with socket.socket(family) as s:\n"
+            "            s.settimeout(1)\n"
+            "            s.connect(address)\n"
             "        print('connected', address)\n"
             "    except OSError as error:\n"
             "        print('failed', error)\n"
         )
         result = run_python(source)
-        listener.setblocking(False)
-        with pytest.raises(BlockingIOError):
-            listener.accept()
+        for listener in listeners:
+            with pytest.raises(BlockingIOError):
+                listener.accept()
     assert result.returncode == 0, result.stderr
-    assert "connected" not in result.stdout and result.stdout.count("failed") == 2
+    assert "connected" not in result.stdout and result.stdout.count("failed") == 4
 
 
 def test_setsid_daemon_does_not_outlive_the_run(isolated):
