@@ -253,7 +253,8 @@ def test_setsid_daemon_does_not_outlive_the_run(isolated):
 def test_the_sandbox_ends_itself_when_its_host_dies(isolated):
     token = secrets.token_hex(4)
     marker = f"orphan-{token}"  # built in the sandbox, so that only the sandboxed process's command line has it
-    program = f"import os, sys\nos.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(60)', 'orphan-' + {token!r}])"
+    sleeper = f"[sys.executable, '-c', 'import time; time.sleep(60)', 'orphan-' + {token!r}]"
+    program = f"import os, sys\nos.execv(sys.executable, {sleeper})"
     host_source = f"from tunesmith_rewards.sandbox import run_python\nrun_python({program!r}, timeout=1.0)"
     host = subprocess.Popen([sys.executable, "-c", host_source], env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
     try:

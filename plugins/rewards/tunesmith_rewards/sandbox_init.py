@@ -102,8 +102,9 @@ def make_dev():
         open(f"/dev/{name}", "w").close()
         mount(f"/proc/self/fd/{fd}", f"/dev/{name}", None, MS_BIND)
         os.close(fd)
-    for name, target in [("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")]:
-        os.symlink(target, f"/dev/{name}")
+    os.symlink("/proc/self/fd", "/dev/fd")
+    for fd, name in enumerate(["stdin", "stdout", "stderr"]):
+        os.symlink(f"/proc/self/fd/{fd}", f"/dev/{name}")
     os.mkdir("/dev/shm")
 
 
