@@ -265,6 +265,18 @@ def test_the_sandbox_ends_itself_when_its_host_dies(isolated):
     assert wait_for(lambda: not processes_with(marker), seconds=6.0)
 
 
+def test_the_program_cannot_signal_the_sandbox_away(isolated):
+    source = (
+        "import os, signal, time\n"
+        "for number in (signal.SIGALRM, signal.SIGCHLD, signal.SIGINT, signal.SIGTERM, signal.SIGKILL):\n"
+        "    os.kill(1, number)\n"
+        "time.sleep(0.2)\n"
+        "print('still here')\n"
+    )
+    result = run_python(source)
+    assert (result.returncode, result.stdout) == (0, "still here\n")
+
+
 def test_subclasses_escape_gains_nothing(isolated, victim):
     source = (
         "classes = ().__class__.__bases__[0].__subclasses__()\n"

@@ -111,7 +111,7 @@ def score(code: str, units: list[tuple[str, int | None]], timeout: float) -> flo
     if result.infrastructure_error is not None:
         _warn(result.infrastructure_error)
         return None
-    if result.timed_out:
+    if result.returncode is None:  # it did not finish: timed out
         return 0.0
     passed = set(re.findall(rf"^{nonce} (\d+) pass$", result.stdout, re.MULTILINE))
     total = sum(index is not None for _, index in units)

@@ -32,6 +32,7 @@ import resource
 import signal
 import sys
 import threading
+import time
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
 MS_REMOUNT, MS_BIND, MS_REC = 0x20, 0x1000, 0x4000
@@ -197,12 +198,29 @@ def limit_resources(settings, isolated):
         resource.setrlimit(which, (limit, limit))
 
 
+def wait_for(program, deadline):
+    """Reap children, orphans included, until ``program`` exits; its wait status, or ``None`` at the
+    deadline. Waits for SIGCHLD, blocked, rather than handling it: pid 1 of a pid namespace gets
+    only the signals it handles, so this leaves the program no signal that could stop it."""
+    while True:
+        while True:
+            pid, wait_status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            if pid == program:
+                return wait_status
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or signal.sigtimedwait([signal.SIGCHLD], remaining) is None:
+            return None
+
+
 def main():
+    signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGCHLD])  # before any thread starts, for wait_for
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # unhandled, so that the program cannot signal it
     settings = json.loads(sys.argv[1])
     status = settings["status_fd"]
     os.set_inheritable(status, False)
     isolated = settings["unshare"] is not None
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
     try:
         workdir = isolate(settings) if isolated else settings["workdir"]
         limit_resources(settings, isolated)
@@ -214,17 +232,13 @@ def main():
         user = ["--user", "--mount", "--map-user=1000", "--map-group=1000", "--"]
         command = [settings["unshare"], *user, *command]
     env = dict(settings["env"], HOME=workdir, TMPDIR=workdir)
-    if isolated:
-        # the host kills the sandbox at its timeout; this ends it too should the host have died
-        signal.signal(signal.SIGALRM, lambda signum, frame: os._exit(1))
-        signal.alarm(settings["cpu_seconds"] + 1)
     os.write(status, b"ready\n")
     os.chdir(workdir)
-    program = os.posix_spawn(command[0], command, env)
-    while True:
-        pid, wait_status = os.wait()
-        if pid == program:
-            break
+    program = os.posix_spawn(command[0], command, env, setsigmask=[])
+    # the host kills the sandbox at its timeout; this ends it too, should the host have died
+    wait_status = wait_for(program, deadline=time.monotonic() + settings["cpu_seconds"] + 1)
+    if wait_status is None:
+        os._exit(1)
     if os.WIFSIGNALED(wait_status):
         os.write(status, f"signal {os.WTERMSIG(wait_status)}\n".encode())
     else:
