@@ -141,7 +141,7 @@ def code_reward(prompts, completions, tests=None, timeout=None, **columns) -> li
             continue
         jobs[row] = (code, units, DEFAULT_TIMEOUT if row_timeout is None else float(row_timeout))
     with ThreadPoolExecutor(max_workers=MAX_WORKERS) as pool:
-        for row, reward in zip(jobs, pool.map(lambda job: score(*job), jobs.values())):
+        for row, reward in zip(jobs, pool.map(lambda job: score(*job), jobs.values()), strict=True):
             rewards[row] = reward
     return rewards
 
