@@ -24,6 +24,7 @@ when it could not set up, to ``status_fd``, which the program never sees. Standa
 ``-S`` leaves out site-packages.
 """
 
+import _thread
 import ctypes
 import json
 import os
@@ -31,7 +32,6 @@ import re
 import resource
 import signal
 import sys
-import threading
 import time
 
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
@@ -156,10 +156,12 @@ def cap_pids(max_processes):
             ) from None
         return
     if runs_as_host_root():
-        threading.stack_size(THREAD_STACK_BYTES)
-        never = threading.Event()
+        _thread.stack_size(THREAD_STACK_BYTES)
+        never = _thread.allocate_lock()
+        never.acquire()
+        # _thread rather than threading, whose start() waits until each new thread runs: far slower
         for _ in range(MIN_PID_MAX - 2 - max_processes):  # pids 1 .. MIN_PID_MAX - 1, one is this process
-            threading.Thread(target=never.wait, daemon=True).start()
+            _thread.start_new_thread(never.acquire, ())
 
 
 def isolate(settings):
