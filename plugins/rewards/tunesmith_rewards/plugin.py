@@ -36,4 +36,9 @@ def tunesmith_register_rewards():
             fn="tunesmith_rewards.length:length_reward",
             description="0 at the target length in characters, down to -1 as the completion strays from it",
         ),
+        RewardSpec(
+            name="code",
+            fn="tunesmith_rewards.code:code_reward",
+            description="the fraction of the row's `tests` that the completion's Python passes, run in a sandbox",
+        ),
     ]
