@@ -23,8 +23,8 @@ import pytest
 import torch
 
 from tests.helpers import adapter_weights, cpu_device, read_metrics, run_cli, write_jsonl
-from tunesmith.hooks import hookimpl
 from tunesmith.data.tokenize import tokenize_prompt_and_responses
+from tunesmith.hooks import hookimpl
 from tunesmith.models import load_model, load_tokenizer
 from tunesmith.plugins import create_plugin_manager
 from tunesmith.records import RewardSpec

@@ -25,7 +25,7 @@ import secrets
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 
-from tunesmith_rewards.rewards import completion_text
+from tunesmith_rewards.completions import completion_text
 from tunesmith_rewards.sandbox import run_python
 
 #: seconds each completion may run, with its tests, when the dataset has no ``timeout`` column

@@ -7,8 +7,10 @@ groups (``--batch-size x --grad-accum`` must be a multiple of ``--num-generation
 generation of an epoch tops up its prompts from the start of that epoch's order, so every step
 has the same shape. Each process then
 
-1. generates ``--num-generations`` completions for each of its prompts with the model as the
-   strategy placed it (unwrapped, in lockstep with the other processes), sampling from its own
+1. generates ``--num-generations`` completions for each of its prompts through the
+   ``--generation-backend`` (by default the training model itself, unwrapped from its strategy,
+   in lockstep with the other processes; a backend with its own copy of the weights is given
+   the policy's new weights before each generation), sampling from its own
    generator, seeded from ``--seed``, the generation's number and the process's rank, so a
    resumed run samples exactly what the interrupted one would have;
 2. scores them with every reward (concurrently, each with ``--reward-timeout``); a
@@ -37,6 +39,7 @@ import torch
 from tunesmith import (
     BatchOrder,
     ConfigError,
+    GenerationBackend,
     GenerationOptions,
     MetricsLog,
     RewardRunner,
@@ -44,7 +47,8 @@ from tunesmith import (
     StepPlan,
     StepSource,
     check_reward_columns,
-    generate_batch,
+    create_generation_backend,
+    every_process_finished,
 )
 from tunesmith_trainers.grpo import GRPOTrainer, PromptUnit, Rollout, group_advantages
 
@@ -74,6 +78,7 @@ class RolloutSteps(StepSource):
         #: this process's rollouts of the current generation, and the updates they have had
         self.rollouts: list[Rollout] = []
         self.updates = self.iterations
+        self.backend: GenerationBackend | None = None
         self.runner = RewardRunner(trainer.rewards, timeout=options["reward_timeout"], errors=options["reward_errors"])
         self.options = GenerationOptions(
             max_new_tokens=options["max_completion_length"],
@@ -131,10 +136,9 @@ class RolloutSteps(StepSource):
         step = self.generation * self.iterations + 1
         started = time.perf_counter()
         generator = torch.Generator(device=self.device(model)).manual_seed(self.generation_seed())
-        lockstep = (lambda done: all(strategy.all_gather_object(done))) if strategy.dp_size > 1 else None
-        completions = generate_batch(
-            strategy.unwrap(model), trainer.tokenizer, [p.prompt_ids for p in prompts], self.options,
-            num_return_sequences=self.group_size, generator=generator, all_finished=lockstep,
+        completions = self.backend_for(model).generate(
+            [p.prompt_ids for p in prompts], self.options, num_return_sequences=self.group_size, generator=generator,
+            all_finished=every_process_finished(strategy) if strategy.dp_size > 1 else None,
         )
         rollout_seconds = time.perf_counter() - started
 
@@ -209,6 +213,18 @@ class RolloutSteps(StepSource):
         return metrics
 
     # -- helpers ---------------------------------------------------------------------------------
+    def backend_for(self, model) -> GenerationBackend:
+        """The generation backend, made on first use and given the policy's current weights."""
+        unwrapped = self.strategy.unwrap(model)
+        if self.backend is None:
+            context = self.trainer.context
+            self.backend = create_generation_backend(
+                context.plugins, self.trainer.options["generation_backend"], unwrapped, self.trainer.tokenizer, context.device
+            )
+        else:
+            self.backend.sync_weights(unwrapped)
+        return self.backend
+
     def generation_seed(self) -> int:
         return (self.plan.seed * 1_000_003 + self.generation) * 1_009 + self.strategy.dp_rank
 
