@@ -1,6 +1,6 @@
 """Reward functions for tunesmith, each ``fn(prompts, completions, **columns) -> list[float | None]``.
 
-The registered rewards (``accuracy``, ``format``, ``cosine``, ``repetition``, ``soft_overlong``,
+The registered rewards (``accuracy``, ``format``, ``code``, ``cosine``, ``repetition``, ``soft_overlong``,
 ``length``) use their defaults; the ``make_*`` factories build variants for ``--reward module:function``.
 """
 

@@ -150,10 +150,15 @@ class RolloutSteps(StepSource):
             {key: [p.columns.get(key) for p in owners] for key in sorted({key for p in owners for key in p.columns})},
             [p.where for p in owners],
         )
-        totals = [math.nan if value is None else value for value in scored.totals(trainer.rewards)]
+        scores = scored.totals(trainer.rewards)
+        totals = [math.nan if value is None else value for value in scores]
         lengths = [len(c.token_ids) for c in completions]
         clipped = [c.finish_reason == "length" for c in completions]
-        everyone = strategy.all_gather_object({"totals": totals, "values": scored.values, "lengths": lengths, "clipped": clipped})
+        everyone = strategy.all_gather_object({
+            "totals": totals, "values": scored.values, "lengths": lengths, "clipped": clipped,
+            "rollout_seconds": rollout_seconds, "seconds": scored.seconds, "timed_out": scored.timed_out,
+            "errors_skipped": scored.errors_skipped,
+        })
 
         rewards = torch.tensor([value for process in everyone for value in process["totals"]], dtype=torch.float64)
         advantages = group_advantages(rewards, self.group_size, trainer.options["scale_rewards"])
@@ -165,10 +170,10 @@ class RolloutSteps(StepSource):
         if self.samples is not None and strategy.is_global_zero:
             for index in range(min(SAMPLES_PER_GENERATION, len(completions))):
                 self.samples.write({
-                    "step": step, "prompt": owners[index].prompt, "completion": texts[index], "reward": scored.totals(trainer.rewards)[index],
+                    "step": step, "prompt": owners[index].prompt, "completion": texts[index], "reward": scores[index],
                     "rewards": {name: values[index] for name, values in scored.values.items()}, "advantage": mine[index],
                 })
-        return self.metrics(everyone, rewards, rollout_seconds, scored.seconds)
+        return self.metrics(everyone, rewards)
 
     def add_logps(self, model) -> None:
         """Fill in the rollouts' reference log-probabilities, and the current policy's when it will have moved before their last update."""
@@ -194,7 +199,8 @@ class RolloutSteps(StepSource):
                     setattr(rollout, key, values[:count])
                     values = values[count:]
 
-    def metrics(self, everyone: list[dict[str, Any]], rewards: torch.Tensor, rollout_seconds: float, reward_seconds: dict[str, float]) -> dict[str, float]:
+    def metrics(self, everyone: list[dict[str, Any]], rewards: torch.Tensor) -> dict[str, float]:
+        """The generation's metrics over every process; seconds are the slowest process's."""
         lengths = torch.tensor([n for process in everyone for n in process["lengths"]], dtype=torch.float64)
         clipped = [flag for process in everyone for flag in process["clipped"]]
         metrics = {
@@ -203,13 +209,15 @@ class RolloutSteps(StepSource):
             "completion_length": float(lengths.mean()),
             "completion_length_max": float(lengths.max()),
             "clipped_ratio": sum(clipped) / len(clipped),
-            "rollout_seconds": rollout_seconds,
+            "rollout_seconds": max(process["rollout_seconds"] for process in everyone),
         }
         for name in everyone[0]["values"]:
             values = torch.tensor([math.nan if v is None else v for process in everyone for v in process["values"][name]], dtype=torch.float64)
             metrics[f"rewards/{name}"] = _nanmean(values)
             metrics[f"rewards/{name}_std"] = _nanstd(values)
-            metrics[f"reward_seconds/{name}"] = reward_seconds[name]
+            metrics[f"reward_seconds/{name}"] = max(process["seconds"][name] for process in everyone)
+            metrics[f"reward_timeouts/{name}"] = sum(process["timed_out"][name] for process in everyone)
+            metrics[f"reward_errors_skipped/{name}"] = sum(process["errors_skipped"][name] for process in everyone)
         return metrics
 
     # -- helpers ---------------------------------------------------------------------------------
