@@ -343,6 +343,33 @@ def test_grpo_raises_the_reward_of_a_warmed_up_model(tiny_model_dir, tmp_path, m
     assert sum(logged[-5:]) > sum(logged[:5]), logged
 
 
+def test_two_processes_resume_their_own_pending_rollouts(tiny_model_dir, tmp_path, monkeypatch):
+    """Two DDP processes, each generating for its own prompts: a run stopped between the two updates
+    of a generation, then continued, ends exactly like one that was not stopped."""
+    monkeypatch.chdir(tmp_path)
+    write_reward_module(tmp_path)
+    data = write_jsonl(tmp_path / "sums.jsonl", SUM_PROMPTS)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+
+    def run(output, steps):
+        command = grpo_command(tiny_model_dir, data, output, "--strategy", "ddp", "--nproc-per-node", "2", "--batch-size", "4",
+                               "--grad-accum", "1", "--num-iterations", "2", "--beta", "0.05", "--save-steps", "3",
+                               "--lr-scheduler", "constant", "--warmup-steps", "0", "--max-steps", str(steps))
+        done = subprocess.run([sys.executable, "-m", "tunesmith", *command], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    run(tmp_path / "whole", 4)
+    run(tmp_path / "stopped", 3)
+    saved = torch.load(tmp_path / "stopped" / "checkpoint-3" / "steps.pt", weights_only=True)
+    assert saved["updates"] == 1 and [len(rank) for rank in saved["rollouts"]] == [4, 4]
+    assert "resuming from" in run(tmp_path / "stopped", 4)
+    expected, resumed = adapter_weights(tmp_path / "whole" / "final"), adapter_weights(tmp_path / "stopped" / "final")
+    for key in expected:
+        assert torch.equal(expected[key], resumed[key]), key
+    assert rewards_logged(tmp_path / "whole") == rewards_logged(tmp_path / "stopped")
+
+
 def test_a_hung_reward_scores_nothing_and_the_run_goes_on(tiny_model_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     write_reward_module(tmp_path)

@@ -109,9 +109,17 @@ class RolloutSteps(StepSource):
     def state_dict(self) -> dict[str, Any]:
         pending = self.updates < self.iterations
         rollouts = self.strategy.all_gather_object([vars(r) for r in self.rollouts] if pending else [])
-        return {"epoch": self.epoch, "epoch_rows": self.epoch_rows, "generation": self.generation, "updates": self.updates, "rollouts": rollouts}
+        return {
+            "epoch": self.epoch, "epoch_rows": self.epoch_rows, "generation": self.generation, "updates": self.updates,
+            "rollouts": rollouts, "num_generations": self.group_size, "num_iterations": self.iterations,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = {"num_generations": state["num_generations"], "num_iterations": state["num_iterations"]}
+        chosen = {"num_generations": self.group_size, "num_iterations": self.iterations}
+        if saved != chosen:
+            changed = "; ".join(f"--{key.replace('_', '-')} {saved[key]} in the checkpoint, {chosen[key]} now" for key in saved if saved[key] != chosen[key])
+            raise ConfigError(f"the checkpoint's rollouts were made with other options ({changed}); use the same options, or another --output-dir to start afresh")
         self.epoch, self.epoch_rows = int(state["epoch"]), int(state["epoch_rows"])
         self.generation, self.updates = int(state["generation"]), int(state["updates"])
         if self.updates < self.iterations:
