@@ -65,6 +65,9 @@ def cli():
 
 
 def main(argv: list[str] | None = None) -> None:
+    # Hugging Face's own bars (loading weights, writing shards) would interleave with ours, and
+    # fill a log file with carriage returns; tunesmith says what it is doing itself.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # peft asks transformers a deprecated question on every adapter load; nothing a user can act on.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     try:
