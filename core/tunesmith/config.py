@@ -53,7 +53,11 @@ FRACTION = click.FloatRange(min=0.0, max=1.0, max_open=True)
 @dataclass
 class TrainConfig:
     # model
-    model: str = option("smollm2-135m", "Local Hugging Face model folder, or the built-in alias smollm2-135m.")
+    model: str = option("smollm2-135m", "Local Hugging Face model folder, a Hub ID (ORG/NAME), or the built-in alias smollm2-135m.")
+    hub: str = option(
+        "huggingface", "Where ORG/NAME model and dataset IDs come from: the Hugging Face Hub, or ModelScope (needs the modelscope package).",
+        click.Choice(["huggingface", "modelscope"]),
+    )
     trust_remote_code: bool = option(False, "Allow the model folder's own Python code to run.", flag=True)
     adapter: str = option(
         "lora",

@@ -127,7 +127,7 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
 
     def make_reference(path: str | None) -> ReferenceModel:
         def load_copy():
-            return load_model(resolve_model(path) if path else plan.model_path, config.trust_remote_code,
+            return load_model(resolve_model(path, config.hub) if path else plan.model_path, config.trust_remote_code,
                               attn_implementation=device.attention_implementation())
 
         return ReferenceModel(strategy, shares_weights=config.adapter != "full" and path is None, load_copy=load_copy)
