@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import click
+
 from tunesmith.atomic import write_atomically
 from tunesmith.errors import ConfigError
 from tunesmith.hub import download, is_hub_id
@@ -85,8 +87,6 @@ def _cached_alias(name: str, alias: GGUFAlias) -> Path:
     gguf_dir = Path(list(spec.submodule_search_locations)[0])
     if not (gguf_dir / alias.filename).is_file():
         raise ConfigError(f"--model {name}: {gguf_dir / alias.filename} is missing from the installed package")
-    import click
-
     click.echo(f"preparing the model {name} once: converting {alias.filename} to safetensors in {target} (a minute or so)", err=True)
     _dequantize_to_safetensors(gguf_dir, alias.filename, target)
     return target
