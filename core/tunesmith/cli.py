@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # peft asks transformers a deprecated question on every adapter load; nothing a user can act on.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    # A skipped step (fp16 overflow, a non-finite loss) still moves the schedule on, on purpose.
+    warnings.filterwarnings("ignore", message=".*lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`.*", category=UserWarning)
     try:
         code = cli.main(args=argv, prog_name="tunesmith", standalone_mode=False)
         if isinstance(code, int) and code:  # a command ended with click.exceptions.Exit(code)

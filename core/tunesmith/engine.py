@@ -87,6 +87,9 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
 
     check_every_rank_agrees(strategy, {"device": device.name, "precision": plan.precision, "strategy": strategy.name, "trainer": trainer_name})
     say(f"device: {device.describe()}, {plan.device_reason}; precision: {plan.precision}; strategy: {strategy.name}")
+    advice = device.precision_advice(plan.precision, training=True)
+    if advice:
+        say(advice)
     if strategy.world_size > 1:
         say(
             f"processes: {strategy.world_size} ({strategy.dp_size} data-parallel); global batch {plan.global_batch} rows "
