@@ -38,7 +38,9 @@ REPLY_FIELD = "response"
 @dataclass(frozen=True)
 class PromptRow:
     """One prompt row: where it is (``source:row``), its conversation so far, whether the file
-    gave it as a conversation (a list of messages) rather than one string, and its other fields."""
+    gave it as a conversation (a list of messages) rather than one string, the row as read, the
+    fields its format did not read, and the assistant reply the file itself gives after the
+    prompt, if any (an evaluation's reference)."""
 
     source: str
     row: int
@@ -46,6 +48,7 @@ class PromptRow:
     conversational: bool
     record: dict[str, Any]
     columns: dict[str, Any]
+    given_reply: str | None = None
 
     @property
     def where(self) -> str:
@@ -64,16 +67,16 @@ def _from_prompt(record: dict[str, Any]) -> dict[str, Any]:
     return {"prompt": _prompt(record), "conversational": not (isinstance(raw, str) and not raw.lstrip().startswith("["))}
 
 
-PROMPT_ROW_FORMATS = (
-    RowFormat("OpenAI messages", ("messages",), ("messages",), _from_messages),
-    RowFormat("prompts", ("prompt",), ("prompt",), _from_prompt),
-)
+#: ``prompt``: text (one user message) or a list of messages ending in a user turn
+PROMPTS_FORMAT = RowFormat("prompts", ("prompt",), ("prompt",), _from_prompt)
+PROMPT_ROW_FORMATS = (RowFormat("OpenAI messages", ("messages",), ("messages",), _from_messages), PROMPTS_FORMAT)
 
 
 def read_prompt_rows(path: Path, formats: tuple[RowFormat, ...] = PROMPT_ROW_FORMATS, system: str | None = None) -> list[PromptRow]:
     """Every row of ``path`` as a :class:`PromptRow`, all checked before any is generated.
 
-    ``formats`` convert a record into ``{"prompt": messages, "conversational": bool}``.
+    ``formats`` convert a record into ``{"prompt": messages, "conversational": bool}`` and
+    optionally ``"reply"``, the assistant reply the row gives.
     ``system``, when given, opens each conversation that has no system message of its own.
     """
     source = str(Path(path))
@@ -82,12 +85,11 @@ def read_prompt_rows(path: Path, formats: tuple[RowFormat, ...] = PROMPT_ROW_FOR
         if row_format is None:
             row_format = detect_format(record, f"{source}:{row}", formats)
         example = to_example(record, row_format, source, row)
-        if REPLY_FIELD in record:
-            raise DataError(f"{example.where}: {REPLY_FIELD}: the row has this field already, and the reply would replace it; rename it")
         messages = example.fields["prompt"]
         if system is not None and messages[0]["role"] != "system":
             messages = [{"role": "system", "content": system}, *messages]
-        rows.append(PromptRow(source, row, messages, example.fields["conversational"], record, example.columns))
+        fields = example.fields
+        rows.append(PromptRow(source, row, messages, fields["conversational"], record, example.columns, fields.get("reply")))
     return rows
 
 
@@ -147,6 +149,9 @@ def infer_file(
     rows were generated now and how many an earlier run had written.
     """
     rows = read_prompt_rows(input_file, system=system)
+    for row in rows:
+        if REPLY_FIELD in row.record:
+            raise DataError(f"{row.where}: {REPLY_FIELD}: the row has this field already, and the reply would replace it; rename it")
     output.parent.mkdir(parents=True, exist_ok=True)
     done = rows_already_written(output, len(rows))
     skipped = done

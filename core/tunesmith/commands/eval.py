@@ -1,0 +1,161 @@
+"""``tunesmith eval``: perplexity and generation metrics of a model, optionally with an adapter, on a dataset."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from tunesmith.models import DEFAULT_MODEL
+from tunesmith.records import PRECISION_NAMES
+
+
+@click.command("eval")
+@click.option(
+    "--model",
+    default=None,
+    show_default=f"{DEFAULT_MODEL}; with --adapter, the base recorded in the run's config.yaml, or else in adapter_config.json",
+    help="Local Hugging Face model folder (a merged export works too), or the built-in alias smollm2-135m.",
+)
+@click.option("--adapter", default=None, show_default="none", help="peft adapter folder to apply (OUTPUT/final or OUTPUT/checkpoint-N).")
+@click.option(
+    "--dataset", required=True, type=click.Path(path_type=Path),
+    help="Rows to evaluate on. perplexity: any sft/pt format; the others: 'messages' (ending in a user turn or the "
+    "reference reply) or 'prompt', with an 'answer' or 'reference' column where the reply is not in the row.",
+)
+@click.option(
+    "--metric", "metrics", multiple=True, required=True,
+    help="Repeatable: perplexity, exact_match, bleu, rouge, or reward:NAME (NAME as --reward takes it: "
+    "a registered reward, module:function or rm:PATH).",
+)
+@click.option("--output", default=None, type=click.Path(path_type=Path), show_default="none: print only", help="JSON file to write the results to.")
+@click.option("--batch-size", default=8, type=click.IntRange(min=1), help="Rows in one forward pass or one generation batch.")
+@click.option("--max-new-tokens", default=256, type=click.IntRange(min=1), help="Most tokens to generate per reply.")
+@click.option("--temperature", default=0.0, type=click.FloatRange(min=0.0), help="Sampling temperature; 0 is greedy.")
+@click.option("--top-p", default=1.0, type=click.FloatRange(min=0.0, max=1.0, min_open=True), help="Nucleus sampling; 1.0 is off.")
+@click.option(
+    "--seed", default=None, type=int, show_default="unseeded",
+    help="Seed for sampling; each row's reply is then reproducible whatever --batch-size.",
+)
+@click.option("--trust-remote-code/--no-trust-remote-code", default=False, show_default=True, help="Allow the model folder's own Python code to run.")
+@click.option("--device", default="auto", help="Device to run on: a registered device name (tunesmith env lists them), or auto.")
+@click.option(
+    "--precision", default="auto", type=click.Choice(["auto", *PRECISION_NAMES]),
+    help="Weights and compute in this precision; auto picks the device's fastest native one.",
+)
+def eval_command(
+    model, adapter, dataset, metrics, output, batch_size, max_new_tokens, temperature, top_p, seed, trust_remote_code, device, precision
+):
+    """Evaluate a model on a dataset: perplexity, or metrics of its replies against references or by reward functions.
+
+    Perplexity is token-weighted over the file: assistant tokens of conversations, every token
+    of plain text. Replies are generated once, in batches, for all the generation metrics.
+    """
+    from tunesmith import evaluation, models
+    from tunesmith.adapters import adapter_folder, base_model
+    from tunesmith.generation import GenerationOptions
+    from tunesmith.plugins import create_plugin_manager
+    from tunesmith.rewards import load_rewards
+    from tunesmith.runtime import select_runtime
+
+    evaluation.check_metrics(metrics)
+    evaluation.check_libraries(metrics)
+    options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    manager = create_plugin_manager()
+    runtime = select_runtime(manager, device, precision)
+    reward_metrics = [metric for metric in metrics if metric.startswith(evaluation.REWARD_PREFIX)]
+    rewards = load_rewards([metric[len(evaluation.REWARD_PREFIX):] for metric in reward_metrics], manager, runtime=runtime)
+    adapter_path = adapter_folder(adapter, if_full_model="pass it as --model instead") if adapter is not None else None
+    model_name = base_model(model, adapter_path)
+    if model is None and adapter_path is not None:
+        click.echo(f"base model: {model_name}", err=True)
+    click.echo(runtime.describe(), err=True)
+    rows = _generation_rows(dataset, metrics, rewards) if evaluation.needs_generation(metrics) else []
+    loaded, tokenizer = models.load_for_inference(model_name, runtime, adapter_path, trust_remote_code)
+
+    results: dict = {}
+    if evaluation.PERPLEXITY in metrics:
+        results[evaluation.PERPLEXITY] = evaluation.perplexity(loaded, tokenizer, dataset, batch_size)
+    if rows:
+        replies = _generate(loaded, tokenizer, rows, options, batch_size)
+        for metric in metrics:
+            if metric in evaluation.REFERENCE_METRICS:
+                references = [evaluation.reference(row, metric) for row in rows]
+                results[metric] = evaluation.REFERENCE_METRIC_FUNCTIONS[metric](replies, references)
+        if rewards:
+            from tunesmith.rewards import RewardRunner
+
+            prompts, completions, columns = evaluation.reward_inputs(rows, replies)
+            scored = RewardRunner(rewards, timeout=None)(prompts, completions, columns, [row.where for row in rows])
+            for metric, reward in zip(reward_metrics, rewards):
+                results[metric] = evaluation.reward_metric(scored.values[reward.name])
+    summary = {
+        "model": model_name,
+        "adapter": str(adapter_path) if adapter_path is not None else None,
+        "dataset": str(dataset),
+        "generation": {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed},
+        "metrics": {metric: results[metric] for metric in metrics},
+    }
+    _print_table(summary["metrics"])
+    if output is not None:
+        evaluation.write_results(output, summary)
+        click.echo(f"results written to {output}")
+
+
+def _generation_rows(dataset: Path, metrics, rewards):
+    """The prompt rows, with every reference and reward column checked before the model loads."""
+    from tunesmith import evaluation
+    from tunesmith.batch_inference import read_prompt_rows
+    from tunesmith.errors import DataError
+    from tunesmith.rewards import check_reward_columns
+
+    rows = read_prompt_rows(dataset, formats=evaluation.EVAL_ROW_FORMATS)
+    if not rows:
+        raise DataError(f"{dataset}: no rows to generate replies for")
+    for metric in metrics:
+        if metric in evaluation.REFERENCE_METRICS:
+            for row in rows:
+                evaluation.reference(row, metric)
+    check_reward_columns(rewards, {name for row in rows for name in row.columns}, str(dataset))
+    return rows
+
+
+def _generate(model, tokenizer, rows, options, batch_size: int) -> list[str]:
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from tunesmith.batch_inference import generate_replies
+
+    replies: list[str] = []
+    with Progress(
+        TextColumn("[bold]replies"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=Console(stderr=True)
+    ) as progress:
+        task = progress.add_task("replies", total=len(rows))
+        for batch in generate_replies(model, tokenizer, [row.messages for row in rows], options, batch_size):
+            replies.extend(batch)
+            progress.update(task, completed=len(replies))
+    return replies
+
+
+def _print_table(results: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from tunesmith.evaluation import ROUGE_TYPES
+
+    table = Table("metric", "value", "detail")
+    for metric, values in results.items():
+        if metric == "perplexity":
+            detail = f"mean NLL {values['mean_nll']:.4f} over {values['tokens']} tokens, {values['rows']} rows"
+            table.add_row(metric, f"{values['perplexity']:.4f}", detail)
+        elif metric == "exact_match":
+            table.add_row(metric, f"{values['score']:.4f}", f"{values['matches']} of {values['rows']} rows")
+        elif metric == "bleu":
+            table.add_row(metric, f"{values['score']:.2f}", f"sacrebleu corpus BLEU, {values['rows']} rows")
+        elif metric == "rouge":
+            for kind in ROUGE_TYPES:
+                table.add_row(kind, f"{values[kind]:.4f}", f"mean F-measure, {values['rows']} rows")
+        else:
+            mean = "n/a" if values["mean"] is None else f"{values['mean']:.4f}"
+            table.add_row(metric, mean, f"mean of {values['scored']} scored; {values['unscored']} unscored")
+    Console().print(table)
