@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -115,3 +118,29 @@ def test_an_output_longer_than_the_input_is_refused(talkative_model_dir, tmp_pat
     output = write_jsonl(tmp_path / "out.jsonl", [{"prompt": "a", "response": "b"}, {"prompt": "c", "response": "d"}])
     assert infer(talkative_model_dir, prompts, output) != 0
     assert "holds 2 rows but the input has only 1" in capsys.readouterr().err
+
+
+def test_a_killed_run_resumes_every_row_exactly_once(talkative_model_dir, tmp_path):
+    questions = [f"Tell me about the number {index}." for index in range(24)]
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"id": index, "prompt": q} for index, q in enumerate(questions)])
+    output = tmp_path / "out.jsonl"
+    command = [sys.executable, "-m", "tunesmith", "infer", "--model", talkative_model_dir, "--file", prompts, "--output", output]
+    options = ["--max-new-tokens", "16", "--precision", "fp32"]
+    process = subprocess.Popen([*map(str, command), *options, "--batch-size", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not (output.exists() and output.read_bytes().count(b"\n") >= 2) and time.monotonic() < deadline:
+            assert process.poll() is None, "infer ended before it could be killed"
+            time.sleep(0.05)
+        assert process.poll() is None, "infer finished before it could be killed; give it more rows"
+    finally:
+        process.kill()
+        process.wait()
+    written = output.read_bytes().count(b"\n")
+    assert 2 <= written < len(questions)
+
+    assert run_cli(*command[3:], *options, "--batch-size", "8") == 0
+    assert run_cli(*command[3:-1], tmp_path / "uninterrupted.jsonl", *options, "--batch-size", "8") == 0
+    rows = read_output(output)
+    assert [row["id"] for row in rows] == list(range(len(questions)))
+    assert rows == read_output(tmp_path / "uninterrupted.jsonl")

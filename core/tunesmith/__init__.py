@@ -66,6 +66,8 @@ _LAZY = {
     "every_process_finished": "tunesmith.generation",
     "GenerationBackend": "tunesmith.generation_backend",
     "create_generation_backend": "tunesmith.generation_backend",
+    "generate_replies": "tunesmith.batch_inference",
+    "infer_file": "tunesmith.batch_inference",
 }
 
 if TYPE_CHECKING:
@@ -81,6 +83,7 @@ if TYPE_CHECKING:
     from tunesmith.data.order import BatchOrder
     from tunesmith.data.tokenize import tokenize_chat, tokenize_prompt_and_responses, tokenize_text
     from tunesmith.data.types import IGNORE_INDEX, Example, Sample
+    from tunesmith.batch_inference import generate_replies, infer_file
     from tunesmith.device import Device
     from tunesmith.generation import Completion, GenerationOptions, every_process_finished, generate_batch
     from tunesmith.generation_backend import GenerationBackend, create_generation_backend
@@ -155,6 +158,8 @@ __all__ = [
     "create_plugin_manager",
     "every_process_finished",
     "generate_batch",
+    "generate_replies",
+    "infer_file",
     "hookimpl",
     "hookspec",
     "load_rewards",

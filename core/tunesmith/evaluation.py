@@ -72,6 +72,8 @@ def perplexity(model, tokenizer, path: Path, batch_size: int) -> dict[str, Any]:
     (nats per token), ``tokens`` (how many were predicted) and ``rows``."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
+    # Past the positions the model was built for, its predictions mean nothing.
+    longest = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     total_nll, tokens, rows, pending = 0.0, 0, 0, []
 
     def flush() -> None:
@@ -89,6 +91,11 @@ def perplexity(model, tokenizer, path: Path, batch_size: int) -> dict[str, Any]:
             raise DataError(f"{example.where}: {error}") from None
         if sample.num_trained_tokens == 0:
             raise DataError(f"{example.where}: no token to predict; expected a conversation with an assistant reply, or text of two tokens or more")
+        if longest is not None and len(sample) > longest:
+            raise DataError(
+                f"{example.where}: {len(sample)} tokens, more than the {longest} positions the model takes "
+                "(max_position_embeddings); split the row"
+            )
         pending.append(sample)
         rows += 1
         if len(pending) == batch_size:
