@@ -71,6 +71,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
+    from tunesmith.batch_inference import generate_replies, infer_file
     from tunesmith.data.collate import collate_causal
     from tunesmith.data.examples import (
         CONVERSATION_FORMATS,
@@ -83,7 +84,6 @@ if TYPE_CHECKING:
     from tunesmith.data.order import BatchOrder
     from tunesmith.data.tokenize import tokenize_chat, tokenize_prompt_and_responses, tokenize_text
     from tunesmith.data.types import IGNORE_INDEX, Example, Sample
-    from tunesmith.batch_inference import generate_replies, infer_file
     from tunesmith.device import Device
     from tunesmith.generation import Completion, GenerationOptions, every_process_finished, generate_batch
     from tunesmith.generation_backend import GenerationBackend, create_generation_backend
