@@ -57,6 +57,7 @@ def test_perplexity_of_text_counts_every_token(talkative_model_dir, model_and_to
         nll, tokens = summed_nll(model, ids, 1)
         total, count = total + nll, count + tokens
     assert metrics["perplexity"]["tokens"] == count and metrics["perplexity"]["rows"] == len(TEXTS)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["results.json", "text.jsonl"], "a staging file was left behind"
     assert metrics["perplexity"]["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
 
 
@@ -90,7 +91,9 @@ def test_reference_metrics_on_known_replies(talkative_model_dir, model_and_token
     # Two references equal to the reply up to whitespace, one sharing its first word, one unrelated.
     references = [f"  {replies[0]}  ", replies[1].replace(" ", "\n "), replies[2].split()[0] + " and more", "Something else entirely."]
     assert len({r.strip() for r in replies}) == len(replies)
-    rows = [{"messages": [{"role": "user", "content": q}], "answer": ref} for q, ref in zip(QUESTIONS, references)]
+    # Two references in an 'answer' column, two as the assistant reply the conversation ends with.
+    rows = [{"messages": [{"role": "user", "content": q}], "answer": ref} for q, ref in zip(QUESTIONS[:2], references[:2])]
+    rows += [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": ref}]} for q, ref in zip(QUESTIONS[2:], references[2:])]
     dataset = write_jsonl(tmp_path / "qa.jsonl", rows)
     metrics = evaluate(
         talkative_model_dir, dataset, tmp_path / "results.json",

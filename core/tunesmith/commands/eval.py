@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import click
@@ -33,6 +34,8 @@ from tunesmith.records import PRECISION_NAMES
 @click.option("--max-new-tokens", default=256, type=click.IntRange(min=1), help="Most tokens to generate per reply.")
 @click.option("--temperature", default=0.0, type=click.FloatRange(min=0.0), help="Sampling temperature; 0 is greedy.")
 @click.option("--top-p", default=1.0, type=click.FloatRange(min=0.0, max=1.0, min_open=True), help="Nucleus sampling; 1.0 is off.")
+@click.option("--top-k", default=0, type=click.IntRange(min=0), help="Sample among the k likeliest tokens; 0 is off.")
+@click.option("--repetition-penalty", default=1.0, type=click.FloatRange(min=0.0, min_open=True), help="Penalty on repeated tokens; 1.0 is off.")
 @click.option(
     "--seed", default=None, type=int, show_default="unseeded",
     help="Seed for sampling; each row's reply is then reproducible whatever --batch-size.",
@@ -44,7 +47,8 @@ from tunesmith.records import PRECISION_NAMES
     help="Weights and compute in this precision; auto picks the device's fastest native one.",
 )
 def eval_command(
-    model, adapter, dataset, metrics, output, batch_size, max_new_tokens, temperature, top_p, seed, trust_remote_code, device, precision
+    model, adapter, dataset, metrics, output, batch_size, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, trust_remote_code,
+    device, precision,
 ):
     """Evaluate a model on a dataset: perplexity, or metrics of its replies against references or by reward functions.
 
@@ -60,7 +64,9 @@ def eval_command(
 
     evaluation.check_metrics(metrics)
     evaluation.check_libraries(metrics)
-    options = GenerationOptions(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    options = GenerationOptions(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed
+    )
     manager = create_plugin_manager()
     runtime = select_runtime(manager, device, precision)
     reward_metrics = [metric for metric in metrics if metric.startswith(evaluation.REWARD_PREFIX)]
@@ -93,7 +99,7 @@ def eval_command(
         "model": model_name,
         "adapter": str(adapter_path) if adapter_path is not None else None,
         "dataset": str(dataset),
-        "generation": {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "seed": seed},
+        "generation": dataclasses.asdict(options),
         "metrics": {metric: results[metric] for metric in metrics},
     }
     _print_table(summary["metrics"])
