@@ -144,3 +144,10 @@ def test_a_killed_run_resumes_every_row_exactly_once(talkative_model_dir, tmp_pa
     rows = read_output(output)
     assert [row["id"] for row in rows] == list(range(len(questions)))
     assert rows == read_output(tmp_path / "uninterrupted.jsonl")
+
+
+def test_an_output_of_other_rows_is_refused(talkative_model_dir, tmp_path, capsys):
+    prompts = prompt_file(tmp_path / "prompts.jsonl")
+    output = write_jsonl(tmp_path / "out.jsonl", [{"id": 0, "prompt": "Something else", "response": "b"}])
+    assert infer(talkative_model_dir, prompts, output) != 0
+    assert f"--output {output}: its row 1 is not the reply to {prompts}:1" in capsys.readouterr().err

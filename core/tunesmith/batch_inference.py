@@ -114,11 +114,12 @@ def generate_replies(
         yield [completion.text for completion in generate_batch(model, tokenizer, ids, options, generator=generator)]
 
 
-def rows_already_written(output: Path, total: int) -> int:
+def rows_already_written(output: Path, total: int) -> tuple[int, bytes | None]:
     """How many complete lines ``output`` holds (0 when it does not exist), after cutting off a
-    last line left half-written; refuses a file with more lines than the input has rows."""
+    last line left half-written, and the last complete line (None when there is none); refuses
+    a file with more lines than the input has rows."""
     if not output.exists():
-        return 0
+        return 0, None
     with output.open("r+b") as handle:
         data = handle.read()
         complete = data.rfind(b"\n") + 1
@@ -130,7 +131,22 @@ def rows_already_written(output: Path, total: int) -> int:
             f"--output {output}: holds {count} rows but the input has only {total}; it is the output of another "
             "input file. Give a new --output (or delete this one)"
         )
-    return count
+    last = data[data.rfind(b"\n", 0, complete - 1) + 1 : complete] if count else None
+    return count, last
+
+
+def _check_resumed_row(output: Path, count: int, last: bytes, row: PromptRow) -> None:
+    """Refuse to resume an output whose last row is not the reply to the input row at its position."""
+    try:
+        written = json.loads(last)
+    except ValueError:
+        written = None
+    expected = json.loads(json.dumps(row.record, ensure_ascii=False, default=str))
+    if not isinstance(written, dict) or {key: value for key, value in written.items() if key != REPLY_FIELD} != expected:
+        raise DataError(
+            f"--output {output}: its row {count} is not the reply to {row.where}, so it was not written from this input "
+            "(or the input changed since). Give a new --output (or delete this one)"
+        )
 
 
 def infer_file(
@@ -153,7 +169,9 @@ def infer_file(
         if REPLY_FIELD in row.record:
             raise DataError(f"{row.where}: {REPLY_FIELD}: the row has this field already, and the reply would replace it; rename it")
     output.parent.mkdir(parents=True, exist_ok=True)
-    done = rows_already_written(output, len(rows))
+    done, last = rows_already_written(output, len(rows))
+    if last is not None:
+        _check_resumed_row(output, done, last, rows[done - 1])
     skipped = done
     if on_progress is not None:
         on_progress(done, len(rows))
