@@ -109,6 +109,26 @@ def test_reference_metrics_on_known_replies(talkative_model_dir, model_and_token
     assert "exact_match" in table and "2 of 4 rows" in table and "rougeL" in table
 
 
+def test_replies_written_to_predictions_are_reused(talkative_model_dir, model_and_tokenizer, tmp_path, monkeypatch):
+    import tunesmith.batch_inference as batch_inference
+
+    model, tokenizer = model_and_tokenizer
+    options = GenerationOptions(max_new_tokens=MAX_NEW_TOKENS)
+    replies = [generate_reply(model, tokenizer, [{"role": "user", "content": q}], options) for q in QUESTIONS]
+    dataset = write_jsonl(tmp_path / "qa.jsonl", [{"prompt": q, "answer": reply} for q, reply in zip(QUESTIONS, replies)])
+    predictions = tmp_path / "predictions.jsonl"
+    arguments = ("--metric", "exact_match", "--predictions", predictions, "--max-new-tokens", MAX_NEW_TOKENS)
+    assert evaluate(talkative_model_dir, dataset, tmp_path / "results.json", *arguments)["exact_match"]["score"] == 1.0
+    written = [json.loads(line) for line in predictions.read_text().splitlines()]
+    assert written == [{"prompt": q, "answer": reply, "response": reply} for q, reply in zip(QUESTIONS, replies)]
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("a reply in --predictions was generated again")
+
+    monkeypatch.setattr(batch_inference, "generate_batch", no_generation)
+    assert evaluate(talkative_model_dir, dataset, tmp_path / "again.json", *arguments)["exact_match"]["score"] == 1.0
+
+
 def longer_than(prompts, completions, limit, **columns):
     """A test reward: 1 when the reply has more characters than the row's ``limit``, None without a limit."""
     return [None if cap is None else float(len(completion) > cap) for completion, cap in zip(completions, limit)]

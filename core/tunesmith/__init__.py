@@ -67,11 +67,11 @@ _LAZY = {
     "GenerationBackend": "tunesmith.generation_backend",
     "create_generation_backend": "tunesmith.generation_backend",
     "generate_replies": "tunesmith.batch_inference",
-    "infer_file": "tunesmith.batch_inference",
+    "write_replies": "tunesmith.batch_inference",
 }
 
 if TYPE_CHECKING:
-    from tunesmith.batch_inference import generate_replies, infer_file
+    from tunesmith.batch_inference import generate_replies, write_replies
     from tunesmith.data.collate import collate_causal
     from tunesmith.data.examples import (
         CONVERSATION_FORMATS,
@@ -159,7 +159,7 @@ __all__ = [
     "every_process_finished",
     "generate_batch",
     "generate_replies",
-    "infer_file",
+    "write_replies",
     "hookimpl",
     "hookspec",
     "load_rewards",

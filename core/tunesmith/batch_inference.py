@@ -1,6 +1,6 @@
 """Batch inference: a reply to every prompt row of a file, generated in batches, written resumably.
 
-``tunesmith infer --file`` and ``tunesmith eval`` read prompts here. A prompt row is
+``tunesmith infer --file`` and ``tunesmith eval`` read prompts and write replies here. A prompt row is
 ``messages`` ending in a user turn, or ``prompt`` (text, or a list of messages ending in a user
 turn); every other field is kept. The output is JSON Lines, input row by input row, each with
 its reply added under :data:`REPLY_FIELD`. It is appended to as batches finish, so a run that
@@ -149,22 +149,20 @@ def _check_resumed_row(output: Path, count: int, last: bytes, row: PromptRow) ->
         )
 
 
-def infer_file(
+def write_replies(
     model,
     tokenizer,
-    input_file: Path,
+    rows: list[PromptRow],
     output: Path,
     options: GenerationOptions,
     batch_size: int,
-    system: str | None = None,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> tuple[int, int]:
-    """Reply to every row of ``input_file`` into ``output``, resuming what an earlier run wrote.
+    """Reply to every row (from :func:`read_prompt_rows`) into ``output``, resuming what an earlier run wrote.
 
     ``on_progress(done, total)`` is called at the start and after each batch. Returns how many
     rows were generated now and how many an earlier run had written.
     """
-    rows = read_prompt_rows(input_file, system=system)
     for row in rows:
         if REPLY_FIELD in row.record:
             raise DataError(f"{row.where}: {REPLY_FIELD}: the row has this field already, and the reply would replace it; rename it")

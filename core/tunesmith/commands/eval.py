@@ -30,6 +30,11 @@ from tunesmith.records import PRECISION_NAMES
     "a registered reward, module:function or rm:PATH).",
 )
 @click.option("--output", default=None, type=click.Path(path_type=Path), show_default="none: print only", help="JSON file to write the results to.")
+@click.option(
+    "--predictions", default=None, type=click.Path(path_type=Path), show_default="none: replies kept in memory",
+    help="JSON Lines file to write each row with its reply (as 'response') to, as 'infer --file' does: "
+    "running the command again resumes it and regenerates nothing already there.",
+)
 @click.option("--batch-size", default=8, type=click.IntRange(min=1), help="Rows in one forward pass or one generation batch.")
 @click.option("--max-new-tokens", default=256, type=click.IntRange(min=1), help="Most tokens to generate per reply.")
 @click.option("--temperature", default=0.0, type=click.FloatRange(min=0.0), help="Sampling temperature; 0 is greedy.")
@@ -47,7 +52,7 @@ from tunesmith.records import PRECISION_NAMES
     help="Weights and compute in this precision; auto picks the device's fastest native one.",
 )
 def eval_command(
-    model, adapter, dataset, metrics, output, batch_size, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, trust_remote_code,
+    model, adapter, dataset, metrics, output, predictions, batch_size, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, trust_remote_code,
     device, precision,
 ):
     """Evaluate a model on a dataset: perplexity, or metrics of its replies against references or by reward functions.
@@ -83,7 +88,7 @@ def eval_command(
     if evaluation.PERPLEXITY in metrics:
         results[evaluation.PERPLEXITY] = evaluation.perplexity(loaded, tokenizer, dataset, batch_size)
     if rows:
-        replies = _generate(loaded, tokenizer, rows, options, batch_size)
+        replies = _generate(loaded, tokenizer, rows, options, batch_size, predictions)
         for metric in metrics:
             if metric in evaluation.REFERENCE_METRICS:
                 references = [evaluation.reference(row, metric) for row in rows]
@@ -126,21 +131,23 @@ def _generation_rows(dataset: Path, metrics, rewards):
     return rows
 
 
-def _generate(model, tokenizer, rows, options, batch_size: int) -> list[str]:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+def _generate(model, tokenizer, rows, options, batch_size: int, predictions: Path | None) -> list[str]:
+    """Every row's reply: generated in memory, or into (and then read back from) ``predictions``."""
+    import json
 
-    from tunesmith.batch_inference import generate_replies
+    from tunesmith.batch_inference import REPLY_FIELD, generate_replies, write_replies
+    from tunesmith.commands.infer import reply_progress
 
-    replies: list[str] = []
-    with Progress(
-        TextColumn("[bold]replies"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=Console(stderr=True)
-    ) as progress:
-        task = progress.add_task("replies", total=len(rows))
+    with reply_progress() as progress:
+        if predictions is not None:
+            write_replies(model, tokenizer, rows, predictions, options, batch_size, on_progress=progress)
+            with predictions.open(encoding="utf-8") as lines:
+                return [json.loads(line)[REPLY_FIELD] for line in lines]
+        replies: list[str] = []
         for batch in generate_replies(model, tokenizer, [row.messages for row in rows], options, batch_size):
             replies.extend(batch)
-            progress.update(task, completed=len(replies))
-    return replies
+            progress(len(replies), len(rows))
+        return replies
 
 
 def _print_table(results: dict) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -62,6 +64,7 @@ def infer_command(
     With --file, a run that stopped part way is resumed by the same command: rows already in
     --output are kept and skipped, and a last line cut in half is generated again.
     """
+    from tunesmith.batch_inference import read_prompt_rows, write_replies
     from tunesmith.generation import GenerationOptions, generate_reply
     from tunesmith.plugins import create_plugin_manager
     from tunesmith.runtime import select_runtime
@@ -84,10 +87,14 @@ def infer_command(
     if model is None and adapter_path is not None:
         click.echo(f"base model: {model_name}", err=True)
     click.echo(runtime.describe(), err=True)
+    rows = read_prompt_rows(input_file, system=system) if input_file is not None else None  # every row checked before the model loads
     loaded, tokenizer = models.load_for_inference(model_name, runtime, adapter_path, trust_remote_code)
 
-    if input_file is not None:
-        _infer_file(loaded, tokenizer, input_file, output, options, batch_size, system)
+    if rows is not None:
+        with reply_progress() as progress:
+            generated, skipped = write_replies(loaded, tokenizer, rows, output, options, batch_size, on_progress=progress)
+        resumed = f" ({skipped} already there from an earlier run)" if skipped else ""
+        click.echo(f"wrote {generated} replies into {output}{resumed}")
         return
     opening = [{"role": "system", "content": system}] if system is not None else []
     if prompt is not None:
@@ -96,22 +103,17 @@ def infer_command(
     _chat(loaded, tokenizer, opening, options)
 
 
-def _infer_file(model, tokenizer, input_file: Path, output: Path, options, batch_size: int, system: str | None) -> None:
+@contextmanager
+def reply_progress() -> Iterator[Callable[[int, int], None]]:
+    """A progress bar of replies on stderr, shown while the block runs; yields ``update(done, total)``."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from tunesmith.batch_inference import infer_file
 
     with Progress(
         TextColumn("[bold]replies"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=Console(stderr=True)
     ) as progress:
         task = progress.add_task("replies", total=None)
-        generated, skipped = infer_file(
-            model, tokenizer, input_file, output, options, batch_size, system,
-            on_progress=lambda done, total: progress.update(task, completed=done, total=total),
-        )
-    resumed = f" ({skipped} already there from an earlier run)" if skipped else ""
-    click.echo(f"wrote {generated} replies into {output}{resumed}")
+        yield lambda done, total: progress.update(task, completed=done, total=total)
 
 
 def _chat(model, tokenizer, opening: list[dict[str, str]], options) -> None:
