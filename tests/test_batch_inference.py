@@ -148,6 +148,9 @@ def test_a_killed_run_resumes_every_row_exactly_once(talkative_model_dir, tmp_pa
 
 def test_an_output_of_other_rows_is_refused(talkative_model_dir, tmp_path, capsys):
     prompts = prompt_file(tmp_path / "prompts.jsonl")
-    output = write_jsonl(tmp_path / "out.jsonl", [{"id": 0, "prompt": "Something else", "response": "b"}])
+    output = tmp_path / "out.jsonl"
+    output.write_text(json.dumps({"id": 0, "prompt": "Something else", "response": "b"}) + '\n{"id": 1, "pro')
+    before = output.read_bytes()
     assert infer(talkative_model_dir, prompts, output) != 0
     assert f"--output {output}: its row 1 is not the reply to {prompts}:1" in capsys.readouterr().err
+    assert output.read_bytes() == before, "a file that is not this input's output must be left as it was"

@@ -114,39 +114,48 @@ def generate_replies(
         yield [completion.text for completion in generate_batch(model, tokenizer, ids, options, generator=generator)]
 
 
-def rows_already_written(output: Path, total: int) -> tuple[int, bytes | None]:
-    """How many complete lines ``output`` holds (0 when it does not exist), after cutting off a
-    last line left half-written, and the last complete line (None when there is none); refuses
-    a file with more lines than the input has rows."""
+def rows_already_written(output: Path, rows: list[PromptRow]) -> int:
+    """How many of ``rows`` ``output`` holds replies to (0 when it does not exist), once a last
+    line left half-written is cut off.
+
+    The k-th complete line is the reply to the k-th row. The file is refused, untouched, when
+    it has more lines than there are rows, or when its last complete line is not the last
+    counted row with a reply added: it was written from other input.
+    """
     if not output.exists():
-        return 0, None
+        return 0
     with output.open("r+b") as handle:
         data = handle.read()
         complete = data.rfind(b"\n") + 1
+        count = data.count(b"\n", 0, complete)
+        if count > len(rows):
+            raise DataError(
+                f"--output {output}: holds {count} rows but the input has only {len(rows)}; it is the output of another "
+                "input file. Give a new --output (or delete this one)"
+            )
+        if count:
+            _check_written_row(output, count, data[data.rfind(b"\n", 0, complete - 1) + 1 : complete], rows[count - 1])
         if complete < len(data):
             handle.truncate(complete)
-    count = data.count(b"\n", 0, complete)
-    if count > total:
-        raise DataError(
-            f"--output {output}: holds {count} rows but the input has only {total}; it is the output of another "
-            "input file. Give a new --output (or delete this one)"
-        )
-    last = data[data.rfind(b"\n", 0, complete - 1) + 1 : complete] if count else None
-    return count, last
+    return count
 
 
-def _check_resumed_row(output: Path, count: int, last: bytes, row: PromptRow) -> None:
-    """Refuse to resume an output whose last row is not the reply to the input row at its position."""
+def _check_written_row(output: Path, count: int, line: bytes, row: PromptRow) -> None:
+    """Refuse an output whose ``count``-th line is not the reply to ``row``."""
     try:
-        written = json.loads(last)
+        written = json.loads(line)
     except ValueError:
         written = None
-    expected = json.loads(json.dumps(row.record, ensure_ascii=False, default=str))
-    if not isinstance(written, dict) or {key: value for key, value in written.items() if key != REPLY_FIELD} != expected:
+    # Compared as JSON text, as it was written: a NaN read back is not equal to itself.
+    if not isinstance(written, dict) or _row_json({key: value for key, value in written.items() if key != REPLY_FIELD}) != _row_json(row.record):
         raise DataError(
             f"--output {output}: its row {count} is not the reply to {row.where}, so it was not written from this input "
             "(or the input changed since). Give a new --output (or delete this one)"
         )
+
+
+def _row_json(record: dict[str, Any]) -> str:
+    return json.dumps(record, ensure_ascii=False, default=str)
 
 
 def write_replies(
@@ -167,9 +176,7 @@ def write_replies(
         if REPLY_FIELD in row.record:
             raise DataError(f"{row.where}: {REPLY_FIELD}: the row has this field already, and the reply would replace it; rename it")
     output.parent.mkdir(parents=True, exist_ok=True)
-    done, last = rows_already_written(output, len(rows))
-    if last is not None:
-        _check_resumed_row(output, done, last, rows[done - 1])
+    done = rows_already_written(output, rows)
     skipped = done
     if on_progress is not None:
         on_progress(done, len(rows))
@@ -178,7 +185,7 @@ def write_replies(
         batches = generate_replies(model, tokenizer, [row.messages for row in pending], options, batch_size, first_index=done)
         for replies in batches:
             for reply in replies:
-                out.write(json.dumps({**rows[done].record, REPLY_FIELD: reply}, ensure_ascii=False, default=str) + "\n")
+                out.write(_row_json({**rows[done].record, REPLY_FIELD: reply}) + "\n")
                 out.flush()
                 done += 1
             os.fsync(out.fileno())
