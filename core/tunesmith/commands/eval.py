@@ -69,6 +69,8 @@ def eval_command(
 
     evaluation.check_metrics(metrics)
     evaluation.check_libraries(metrics)
+    if predictions is not None and not evaluation.needs_generation(metrics):
+        raise click.UsageError("--predictions holds generated replies, and perplexity generates none; give a metric of replies too, or leave it out")
     options = GenerationOptions(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty, seed=seed
     )
