@@ -1,14 +1,16 @@
 """Batch inference: a reply to every prompt row of a file, generated in batches, written resumably.
 
-``tunesmith infer --file`` and ``tunesmith eval`` read prompts and write replies here. A prompt row is
-``messages`` ending in a user turn, or ``prompt`` (text, or a list of messages ending in a user
+``tunesmith infer --file`` and ``tunesmith eval`` read prompts and write replies here. A prompt
+row is ``messages`` ending in a user turn, or ``prompt`` (text, or a list of messages ending in a user
 turn); every other field is kept. The output is JSON Lines, input row by input row, each with
 its reply added under :data:`REPLY_FIELD`. It is appended to as batches finish, so a run that
 stops (killed, out of memory, a full disk) is resumed by running the same command again: the
 rows already written are counted and skipped, the k-th output line belonging to the k-th input
 row, and a last line the stop cut in half is dropped and generated again.
 
-Greedy decoding (the default) gives each row the same reply whatever the batch it lands in.
+Greedy decoding (the default) gives each row the reply it gets alone, whatever the batch it
+lands in, up to rounding: in fp32 the replies are the same (the tests check it on the CPU); in
+bf16 or fp16, the padding and shape of a batch can change the rounding and, rarely, a token.
 Sampled replies with a seed are reproducible row by row: each row is sampled on its own, from a
 generator seeded with the seed plus the row's position, so ``--batch-size`` and resuming change
 nothing (the price is that such rows are not batched). Sampling without a seed is batched and
