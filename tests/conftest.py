@@ -48,5 +48,22 @@ def tiny_model_dir(tmp_path_factory, default_model_dir) -> Path:
     tokenizer.save_pretrained(path)
     return path
 
+@pytest.fixture(scope="session")
+def talkative_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """The tiny Llama with larger random weights, so its greedy replies differ from prompt to
+    prompt (the tiny model's are all newlines); for tests that compare replies."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, LlamaForCausalLM
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.initializer_range = 0.3
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    path = tmp_path_factory.mktemp("talkative-llama")
+    model.save_pretrained(path, safe_serialization=True)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(path)
+    return path
+
+
 # The fake device's own tests run inside tests/test_fake_device_install.py, while it is installed.
 collect_ignore = ["fake_device"]

@@ -66,9 +66,12 @@ _LAZY = {
     "every_process_finished": "tunesmith.generation",
     "GenerationBackend": "tunesmith.generation_backend",
     "create_generation_backend": "tunesmith.generation_backend",
+    "generate_replies": "tunesmith.batch_inference",
+    "write_replies": "tunesmith.batch_inference",
 }
 
 if TYPE_CHECKING:
+    from tunesmith.batch_inference import generate_replies, write_replies
     from tunesmith.data.collate import collate_causal
     from tunesmith.data.examples import (
         CONVERSATION_FORMATS,
@@ -155,6 +158,8 @@ __all__ = [
     "create_plugin_manager",
     "every_process_finished",
     "generate_batch",
+    "generate_replies",
+    "write_replies",
     "hookimpl",
     "hookspec",
     "load_rewards",

@@ -11,6 +11,7 @@ import click
 
 from tunesmith.commands.devices import devices_command
 from tunesmith.commands.env import env_command
+from tunesmith.commands.eval import eval_command
 from tunesmith.commands.export import export_command
 from tunesmith.commands.infer import infer_command
 from tunesmith.commands.plugins import plugins_command
@@ -27,6 +28,7 @@ BUILTIN_COMMANDS = {
     "export": export_command,
     "score": score_command,
     "verify": verify_command,
+    "eval": eval_command,
 }
 
 
