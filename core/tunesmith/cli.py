@@ -13,6 +13,7 @@ from tunesmith.commands.devices import devices_command
 from tunesmith.commands.env import env_command
 from tunesmith.commands.export import export_command
 from tunesmith.commands.infer import infer_command
+from tunesmith.commands.plot import plot_command
 from tunesmith.commands.plugins import plugins_command
 from tunesmith.commands.score import score_command
 from tunesmith.commands.verify import verify_command
@@ -27,6 +28,7 @@ BUILTIN_COMMANDS = {
     "export": export_command,
     "score": score_command,
     "verify": verify_command,
+    "plot": plot_command,
 }
 
 
