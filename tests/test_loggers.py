@@ -12,7 +12,7 @@ from tests.helpers import chat_rows, read_metrics, run_cli, write_jsonl
 from tunesmith import ConfigError, LoggerSpec, MetricsLogger, hookimpl
 from tunesmith.config import TrainConfig
 from tunesmith.engine import train
-from tunesmith.loggers import select_loggers
+from tunesmith.loggers import RunLoggers, select_loggers
 from tunesmith.plugins import create_plugin_manager
 
 
@@ -150,3 +150,47 @@ def test_plot_overlays_two_runs_in_their_own_colours(tmp_path, capsys):
 def test_plot_of_a_folder_without_metrics_says_so(tmp_path, capsys):
     assert run_cli("plot", tmp_path, "--output", tmp_path / "x.png") == 2
     assert "no metrics.jsonl here" in capsys.readouterr().err
+
+
+class FailingLogger(RecordingLogger):
+    def log(self, record):
+        raise OSError("tracker is down")
+
+    def finish(self):
+        self.calls.append(("finish", "failing"))
+        raise OSError("still down")
+
+
+def test_every_started_logger_finishes_when_the_run_fails(tmp_path, capsys):
+    RecordingLogger.calls = []
+    loggers = RunLoggers([("recording", RecordingLogger()), ("failing", FailingLogger())], tmp_path, write_curves=False)
+    with pytest.raises(OSError, match="tracker is down"):
+        with loggers.run({"learning_rate": 1e-4}, step=0):
+            loggers.log({"step": 1, "loss": 1.0})
+    assert [call[0] for call in RecordingLogger.calls] == ["start", "start", "log", "finish", "finish"]
+    assert "the failing logger failed to finish: OSError('still down')" in capsys.readouterr().err
+
+
+def test_report_to_mlflow_keeps_the_run_in_a_local_store_under_the_output_folder(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow", reason="mlflow is an optional extra (pip install 'tunesmith[mlflow]')")
+    from mlflow.tracking import MlflowClient
+
+    from tunesmith.loggers.mlflow import MLflowLogger
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    lines = [{"step": 1, "loss": 2.5, "learning_rate": 1e-4, "device": "cpu", "memory_peak_bytes": None},
+             {"step": 1, "eval_loss": 2.75}, {"step": 2, "loss": 2.0, "learning_rate": 5e-5, "rewards/length": 0.5}]
+    logger = MLflowLogger()
+    logger.start({"learning_rate": 1e-4, "dataset": ["a.jsonl"]}, tmp_path, 0)
+    for line in lines:
+        logger.log(line)
+    logger.finish()
+
+    client = MlflowClient(tracking_uri=(tmp_path / "mlruns").as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("tunesmith").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == tmp_path.name
+    assert run.data.params["learning_rate"] == "0.0001"
+    for key in ("loss", "learning_rate", "eval_loss", "rewards/length"):
+        expected = [(line["step"], line[key]) for line in lines if key in line]
+        assert [(metric.step, metric.value) for metric in client.get_metric_history(run.info.run_id, key)] == expected
+    assert "device" not in run.data.metrics and "memory_peak_bytes" not in run.data.metrics
