@@ -73,7 +73,7 @@ def test_a_plugin_logger_receives_the_config_once_and_every_metrics_line(tiny_mo
     data = write_jsonl(tmp_path / "train.jsonl", chat_rows(8))
     output = tmp_path / "run"
     config = TrainConfig(model=str(tiny_model_dir), dataset=(str(data),), eval_dataset=(str(data),), output_dir=str(output),
-                         precision="fp32", save_steps=0, max_steps=3, eval_steps=2, report_to=("recording",))
+                         precision="fp32", save_steps=0, max_steps=2, eval_steps=2, report_to=("recording",))
     train("sft", config, manager=manager)
 
     calls = RecordingLogger.calls
@@ -83,7 +83,8 @@ def test_a_plugin_logger_receives_the_config_once_and_every_metrics_line(tiny_mo
     assert (output_dir, step) == (output, 0)
     lines = read_metrics(output)
     assert [json.loads(json.dumps(call[1])) for call in calls[1:-1]] == lines
-    assert len(lines) == 3 + 2  # three training lines, evaluations at steps 2 and 3
+    assert [sorted(line)[:2] for line in lines] == [["device", "epoch"]] * 3
+    assert ["eval_loss" in line for line in lines] == [False, False, True]  # two training lines, then the evaluation
 
 
 def test_an_unknown_report_to_fails_before_training_naming_the_installed_loggers(tiny_model_dir, tmp_path, capsys):
@@ -194,3 +195,17 @@ def test_report_to_mlflow_keeps_the_run_in_a_local_store_under_the_output_folder
         expected = [(line["step"], line[key]) for line in lines if key in line]
         assert [(metric.step, metric.value) for metric in client.get_metric_history(run.info.run_id, key)] == expected
     assert "device" not in run.data.metrics and "memory_peak_bytes" not in run.data.metrics
+
+
+def test_without_matplotlib_a_run_says_once_how_to_get_curves_and_plot_refuses(tmp_path, monkeypatch, capsys):
+    from tunesmith import curves
+
+    monkeypatch.setattr(curves, "matplotlib_installed", lambda: False)
+    monkeypatch.setattr(curves, "_said_missing", False)
+    run_dir = write_metrics(tmp_path / "run", [{"step": 1, "loss": 1.0}])
+    curves.write_run_curves(run_dir)
+    curves.write_run_curves(run_dir)
+    assert capsys.readouterr().err.count("pip install matplotlib") == 1
+    assert not (run_dir / "curves.png").exists()
+    assert run_cli("plot", run_dir) == 2
+    assert "tunesmith plot draws with matplotlib, which is not installed here; pip install matplotlib" in capsys.readouterr().err
