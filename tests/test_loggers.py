@@ -209,3 +209,21 @@ def test_without_matplotlib_a_run_says_once_how_to_get_curves_and_plot_refuses(t
     assert not (run_dir / "curves.png").exists()
     assert run_cli("plot", run_dir) == 2
     assert "tunesmith plot draws with matplotlib, which is not installed here; pip install matplotlib" in capsys.readouterr().err
+
+
+def test_a_resumed_run_replaces_tensorboard_steps_after_its_checkpoint(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from tunesmith.loggers.tensorboard import TensorBoardLogger
+
+    first = TensorBoardLogger()
+    first.start({}, tmp_path, 0)
+    for step in (1, 2, 3):
+        first.log({"step": step, "loss": float(step), "device": "cpu"})
+    first.finish()
+    resumed = TensorBoardLogger()  # as a run resumed from checkpoint-2 does
+    resumed.start({}, tmp_path, 2)
+    resumed.log({"step": 3, "loss": 30.0})
+    resumed.finish()
+    events = EventAccumulator(str(tmp_path / "runs")).Reload()
+    assert [(event.step, event.value) for event in events.Scalars("loss")] == [(1, 1.0), (2, 2.0), (3, 30.0)]
