@@ -105,6 +105,7 @@ def test_a_logger_whose_package_is_missing_names_the_install_and_all_leaves_it_o
         select_loggers(manager, ["needs-missing"])
     chosen = [registered.spec.name for registered in select_loggers(manager, ["all"])]
     assert chosen[0] == "jsonl" and "needs-missing" not in chosen and "tensorboard" in chosen
+    assert [registered.spec.name for registered in select_loggers(manager, ["none"])] == ["jsonl"]
 
 
 def write_metrics(run_dir: Path, lines: list[dict]) -> Path:

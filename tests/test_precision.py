@@ -36,3 +36,12 @@ def test_the_loss_runs_under_the_requested_precision(tmp_path, tiny_model_dir, p
     assert enabled == expected[0]
     if expected[0]:
         assert dtype == expected[1]
+
+
+def test_fp16_on_a_cpu_trains_with_a_note_saying_what_is_native(tmp_path, tiny_model_dir, capsys):
+    from tests.helpers import run_cli
+
+    data = write_jsonl(tmp_path / "train.jsonl", chat_rows(4))
+    assert run_cli("sft", "--model", tiny_model_dir, "--dataset", data, "--output-dir", tmp_path / "run", "--precision", "fp16",
+                   "--max-steps", "1", "--save-steps", "0") == 0
+    assert "fp16 is emulated on CPUs" in capsys.readouterr().out

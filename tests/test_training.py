@@ -127,10 +127,9 @@ def test_config_file_flags_override_and_resolved_config_is_written(tiny_model_di
     [
         ({"learning_rat": 0.1}, "unknown key 'learning_rat' (did you mean 'learning_rate'?); valid keys: model,"),
         ({"lora-rnak": 4}, "unknown key 'lora-rnak' (did you mean 'lora_rank'?)"),
-        ({"num_train_epochs": 3}, "unknown key 'num_train_epochs' (a Hugging Face TrainingArguments/TRL/peft name; here write 'epochs')"),
-        ({"per_device_train_batch_size": 8}, "unknown key 'per_device_train_batch_size' (a Hugging Face TrainingArguments/TRL/peft name; here write 'batch_size')"),
-        ({"gradient-accumulation-steps": 8}, "unknown key 'gradient-accumulation-steps' (a Hugging Face TrainingArguments/TRL/peft name; here write 'grad_accum')"),
-        ({"bf16": True}, "unknown key 'bf16' (a Hugging Face TrainingArguments/TRL/peft name; here write 'precision: bf16')"),
+        ({"gradient_acumulation_steps": 8}, "unknown key 'gradient_acumulation_steps' (did you mean 'gradient_accumulation_steps', TrainingArguments's name for 'grad_accum'?)"),
+        ({"bf16": False}, "key 'bf16' (TrainingArguments's name for 'precision'): expected true"),
+        ({"per_device_train_batch_size": 8, "batch_size": 4}, "keys 'batch_size' and 'per_device_train_batch_size' are the same option; keep one"),
         ({"learning-rate": 0.1, "learning_rate": 0.2}, "keys 'learning-rate' and 'learning_rate' are the same option; keep one"),
         ({"lr_scheduler": "cosine_wobble"}, "key 'lr_scheduler'"),
         ({"batch_size": 0}, "key 'batch_size'"),
@@ -163,14 +162,6 @@ def test_config_keys_may_be_spelled_like_the_flags(tmp_path, data_file):
     config = resolve_config(context, values, values.pop("config_file"))
     assert (config.learning_rate, config.lora_rank) == (0.5, 4)
     assert config.grad_accum == 3  # a flag still overrides the file, however the key is spelled
-
-
-def test_hugging_face_names_are_suggested_only_as_tunesmith_options():
-    from tunesmith.config import FIELDS, HUGGING_FACE_NAMES
-
-    for name, ours in HUGGING_FACE_NAMES.items():
-        assert name not in FIELDS
-        assert ours.split(":")[0] in FIELDS, ours
 
 
 def test_bad_flags_name_the_option(capsys, data_file):

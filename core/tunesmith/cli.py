@@ -67,8 +67,13 @@ def cli():
 
 
 def main(argv: list[str] | None = None) -> None:
+    # Hugging Face's own bars (loading weights, writing shards) would interleave with ours, and
+    # fill a log file with carriage returns; tunesmith says what it is doing itself.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # peft asks transformers a deprecated question on every adapter load; nothing a user can act on.
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+    # A skipped step (fp16 overflow, a non-finite loss) still moves the schedule on, on purpose.
+    warnings.filterwarnings("ignore", message=".*lr_scheduler.step\\(\\)` before `optimizer.step\\(\\)`.*", category=UserWarning)
     try:
         code = cli.main(args=argv, prog_name="tunesmith", standalone_mode=False)
         if isinstance(code, int) and code:  # a command ended with click.exceptions.Exit(code)

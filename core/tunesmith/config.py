@@ -1,9 +1,10 @@
 """Training options: one definition gives the CLI flag (``--learning-rate``), the YAML key
 (``learning_rate``; ``learning-rate`` works too), the default, the help text and the validation.
 
-Values are resolved as defaults < ``--config FILE`` < flags given on the command line. An
-unknown YAML key or a bad value is a :class:`~tunesmith.errors.ConfigError` naming the file,
-the key and what would be valid; an unknown key also gets the likeliest intended one.
+Values are resolved as defaults < ``--config FILE`` < flags given on the command line. Other
+tools' names for the same options are accepted too (:mod:`tunesmith.aliases`). An unknown YAML
+key or a bad value is a :class:`~tunesmith.errors.ConfigError` naming the file, the key and
+what would be valid; an unknown key also gets the likeliest intended one.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import click
 import yaml
 
+from tunesmith.aliases import ALIASES_BY_NAME, IGNORED_KEYS, flag_aliases
 from tunesmith.errors import ConfigError, PluginError
 from tunesmith.models import ALIASES
 from tunesmith.records import OptionSpec
@@ -51,7 +53,11 @@ FRACTION = click.FloatRange(min=0.0, max=1.0, max_open=True)
 @dataclass
 class TrainConfig:
     # model
-    model: str = option("smollm2-135m", "Local Hugging Face model folder, or the built-in alias smollm2-135m.")
+    model: str = option("smollm2-135m", "Local Hugging Face model folder, a Hub ID (ORG/NAME), or the built-in alias smollm2-135m.")
+    hub: str = option(
+        "huggingface", "Where ORG/NAME model and dataset IDs come from: the Hugging Face Hub, or ModelScope (needs the modelscope package).",
+        click.Choice(["huggingface", "modelscope"]),
+    )
     trust_remote_code: bool = option(False, "Allow the model folder's own Python code to run.", flag=True)
     adapter: str = option(
         "lora",
@@ -98,7 +104,7 @@ class TrainConfig:
     # logging and checkpoints
     logging_steps: int = option(1, "Write a metrics line every N steps.", POSITIVE)
     report_to: tuple = option(
-        (), "Also send the metrics to this tracker: tensorboard, wandb, mlflow, a plugin's logger, or all installed ones; repeatable "
+        (), "Also send the metrics to this tracker: tensorboard, wandb, mlflow, a plugin's logger, all installed ones, or none; repeatable "
         "(OUTPUT/metrics.jsonl is always written).", multiple=True,
     )
     save_steps: int = option(100, "Write a checkpoint every N steps; 0 writes only the final result.", NON_NEGATIVE)
@@ -116,25 +122,6 @@ class TrainConfig:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig) if "help" in f.metadata}
-
-# Names from Hugging Face TrainingArguments, TRL's SFTConfig and peft's LoraConfig that users
-# bring to a --config file, and what to write here instead. Only suggested, never accepted.
-HUGGING_FACE_NAMES = {
-    "model_name_or_path": "model",
-    "max_seq_length": "max_length",
-    "num_train_epochs": "epochs",
-    "per_device_train_batch_size": "batch_size",
-    "gradient_accumulation_steps": "grad_accum",
-    "lr_scheduler_type": "lr_scheduler",
-    "optim": "optimizer",
-    "bf16": "precision: bf16",
-    "fp16": "precision: fp16",
-    "resume_from_checkpoint": "resume",
-    "r": "lora_rank",
-    "lora_r": "lora_rank",
-    "use_dora": "adapter: dora",
-}
-
 
 @dataclass(frozen=True)
 class PluginOption:
@@ -198,6 +185,7 @@ def click_options(command, plugin_options: dict[str, PluginOption] | None = None
         else:
             decorator = click.option(
                 flag_name(name),
+                *(flag_aliases(name) if name in FIELDS else ()),
                 name,
                 type=meta["type"],
                 default=default,
@@ -259,24 +247,52 @@ def load_config_file(path: Path, definitions: dict[str, Any]) -> dict[str, Any]:
         raise ConfigError(f"--config {path}: expected a mapping of option names to values, got {type(data).__name__}")
     options: dict[str, Any] = {}
     spellings: dict[str, Any] = {}
+    ignored: list[str] = []
+    names = {key: key.replace("-", "_") if isinstance(key, str) else key for key in data}
+    # A file written for TRL, LLaMA-Factory or ms-swift: keys that mean nothing here are skipped
+    # with a note, where a tunesmith file with such a key is refused (most likely a typo).
+    foreign = any(name not in definitions and (name in ALIASES_BY_NAME or name in IGNORED_KEYS) for name in names.values())
     for key, value in data.items():
         # Keys are written like the flags (learning-rate) as often as like the fields (learning_rate).
-        name = key.replace("-", "_") if isinstance(key, str) else key
-        if name not in definitions:
+        name = names[key]
+        if name not in definitions and name in ALIASES_BY_NAME:
+            alias = ALIASES_BY_NAME[name]
+            if alias.convert is not None:
+                try:
+                    value = alias.convert(value)
+                except ConfigError as error:
+                    raise ConfigError(f"{path}: key {key!r} ({alias.source}'s name for {alias.option!r}): {error}") from None
+            name = alias.option
+        elif name not in definitions:
+            if name in IGNORED_KEYS:
+                ignored.append(f"{key} ({IGNORED_KEYS[name]})")
+                continue
+            if foreign:
+                ignored.append(f"{key} (no such option here{_suggestion(name, definitions)})")
+                continue
             raise ConfigError(f"{path}: unknown key {key!r}{_suggestion(name, definitions)}; valid keys: {', '.join(definitions)}")
         if name in spellings:
             raise ConfigError(f"{path}: keys {spellings[name]!r} and {key!r} are the same option; keep one")
         spellings[name] = key
         options[name] = value
+    if ignored:
+        click.echo(f"--config {path}: ignored keys: {'; '.join(ignored)}", err=True)
     return options
 
 
 def _suggestion(key: Any, definitions: dict[str, Any]) -> str:
-    """What the user probably meant by an unknown key, as a parenthesis; "" without a good guess."""
-    if key in HUGGING_FACE_NAMES:
-        return f" (a Hugging Face TrainingArguments/TRL/peft name; here write '{HUGGING_FACE_NAMES[key]}')"
-    close = difflib.get_close_matches(str(key), definitions, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    """What the user probably meant by an unknown key, as a parenthesis; "" without a good guess.
+
+    The closest of tunesmith's names and the other tools' names it accepts, so that a TRL user's
+    near miss is pointed at the TrainingArguments name they meant to write.
+    """
+    close = difflib.get_close_matches(str(key), [*definitions, *ALIASES_BY_NAME], n=1)
+    if not close:
+        return ""
+    if close[0] in definitions:
+        return f" (did you mean {close[0]!r}?)"
+    alias = ALIASES_BY_NAME[close[0]]
+    return f" (did you mean {close[0]!r}, {alias.source}'s name for {alias.option!r}?)"
 
 
 def cast_value(ctx: click.Context, path: Path, key: str, raw: Any, meta: dict[str, Any]) -> Any:

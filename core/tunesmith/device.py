@@ -82,6 +82,10 @@ class Device(ABC):
             )
         return precision
 
+    def precision_advice(self, precision: str, training: bool) -> str | None:
+        """A note for a user who chose ``precision`` here, when it works but a better choice exists; None otherwise."""
+        return None
+
     def grad_scaler(self, precision: str) -> torch.amp.GradScaler:
         """The loss scaler for training in ``precision``: active for fp16, a pass-through otherwise."""
         return torch.amp.GradScaler(self.type, enabled=precision == "fp16")

@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from tunesmith.atomic import remove_staging_leftovers
 from tunesmith.checkpoint import LoopState, TrainingState, advice_on_storage_errors, list_checkpoints, rotate_checkpoints
@@ -33,6 +32,7 @@ from tunesmith.loggers import open_loggers
 from tunesmith.models import apply_adapter, load_model, load_tokenizer, resolve_model
 from tunesmith.optimization import build_scheduler, parameter_groups, warmup_steps
 from tunesmith.plugins import PluginManager, create_plugin_manager
+from tunesmith.progress import StepProgress
 from tunesmith.reference import ReferenceModel
 from tunesmith.resume import check_within_schedule
 from tunesmith.runtime import TrainingPlan, plan_training, strategy_options
@@ -87,6 +87,9 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
 
     check_every_rank_agrees(strategy, {"device": device.name, "precision": plan.precision, "strategy": strategy.name, "trainer": trainer_name})
     say(f"device: {device.describe()}, {plan.device_reason}; precision: {plan.precision}; strategy: {strategy.name}")
+    advice = device.precision_advice(plan.precision, training=True)
+    if advice:
+        say(advice)
     if strategy.world_size > 1:
         say(
             f"processes: {strategy.world_size} ({strategy.dp_size} data-parallel); global batch {plan.global_batch} rows "
@@ -127,7 +130,7 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
 
     def make_reference(path: str | None) -> ReferenceModel:
         def load_copy():
-            return load_model(resolve_model(path) if path else plan.model_path, config.trust_remote_code,
+            return load_model(resolve_model(path, config.hub) if path else plan.model_path, config.trust_remote_code,
                               attn_implementation=device.attention_implementation())
 
         return ReferenceModel(strategy, shares_weights=config.adapter != "full" and path is None, load_copy=load_copy)
@@ -184,22 +187,12 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
         if strategy.is_global_zero:
             rotate_checkpoints(output_dir, config.save_total_limit)
 
-    progress = Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]:.2e}  {task.fields[tps]:.0f} tok/s"),
-        TimeRemainingColumn(),
-        console=console,
-        disable=not strategy.is_global_zero,
-    )
     interval_tokens, interval_start = 0, time.perf_counter()
     step_metrics: dict[str, float] = {}  # what the source measured making steps since the last logged one
     if loop.step >= total_steps:
         say(f"nothing left to train: {loop.step} of {total_steps} steps were done already; writing the result again")
+    progress = StepProgress(console, trainer_name, total_steps, loop.step, scheduler.get_last_lr()[0], enabled=strategy.is_global_zero)
     with progress, loggers.run(config.to_dict(), step=loop.step):
-        # Until the first logged step there is no loss to show: a dash, not "nan".
-        task = progress.add_task(trainer_name, total=total_steps, completed=loop.step, loss="-", lr=scheduler.get_last_lr()[0], tps=0.0)
         while loop.step < total_steps:
             # One optimizer step: this rank's share of the step's rows, in micro-batches.
             step = source.next_step(model)
@@ -245,10 +238,10 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
                 }
                 step_metrics = {}
                 loggers.log(record)
-                progress.update(task, completed=loop.step, loss=f"{loss:.4f}", lr=record["learning_rate"], tps=tokens_per_second)
+                progress.logged(loop.step, loss, record["learning_rate"], tokens_per_second)
                 interval_tokens, interval_start = 0, time.perf_counter()
             else:
-                progress.update(task, completed=loop.step)
+                progress.advanced(loop.step)
 
             if data.eval_rows and (loop.step % config.eval_steps == 0 or loop.step == total_steps):
                 evaluation = evaluate(model, trainer, data.eval_rows, config.batch_size, strategy)

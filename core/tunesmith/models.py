@@ -16,8 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import click
+
 from tunesmith.atomic import write_atomically
 from tunesmith.errors import ConfigError
+from tunesmith.hub import download, is_hub_id
 
 if TYPE_CHECKING:  # torch loads only when a model does: `tunesmith --help` stays fast
     import torch
@@ -42,14 +45,17 @@ def cache_root() -> Path:
     return Path(os.environ.get("TUNESMITH_CACHE", Path.home() / ".cache" / "tunesmith"))
 
 
-def resolve_model(model: str) -> Path:
-    """The local folder holding ``model``'s weights, config and tokenizer."""
+def resolve_model(model: str, hub: str | None = None) -> Path:
+    """The local folder holding ``model``'s weights, config and tokenizer: a built-in alias, a
+    local folder, or a Hub ID (``ORG/NAME``, from ``hub``; see :mod:`tunesmith.hub`)."""
     if model in ALIASES:
         return _cached_alias(model, ALIASES[model])
     path = Path(model).expanduser()
-    if not path.is_dir():
+    if not path.is_dir() and is_hub_id(model):
+        path = download(model, "model", hub)
+    elif not path.is_dir():
         raise ConfigError(
-            f"--model {model}: not a local model folder and not a built-in alias; "
+            f"--model {model}: not a local model folder, not a Hub ID (ORG/NAME) and not a built-in alias; "
             f"built-in aliases: {', '.join(sorted(ALIASES))}"
         )
     if not (path / "config.json").is_file():
@@ -81,6 +87,7 @@ def _cached_alias(name: str, alias: GGUFAlias) -> Path:
     gguf_dir = Path(list(spec.submodule_search_locations)[0])
     if not (gguf_dir / alias.filename).is_file():
         raise ConfigError(f"--model {name}: {gguf_dir / alias.filename} is missing from the installed package")
+    click.echo(f"preparing the model {name} once: converting {alias.filename} to safetensors in {target} (a minute or so)", err=True)
     _dequantize_to_safetensors(gguf_dir, alias.filename, target)
     return target
 

@@ -114,7 +114,7 @@ def plan_training(trainer_name: str, config: TrainConfig, manager: PluginManager
     launch = LaunchOptions(nproc_per_node, config.nnodes, config.node_rank, config.master_addr, config.master_port)
     return TrainingPlan(
         trainer_name, config, device, runtime.device_reason, precision, strategy, environment, launch, world_size,
-        resolve_model(config.model), resume_from, identity,
+        resolve_model(config.model, config.hub), resume_from, identity,
     )
 
 

@@ -18,6 +18,7 @@ from tunesmith.data.examples import CONVERSATION_FORMATS, RowFormat, read_exampl
 from tunesmith.data.readers import BadRowError
 from tunesmith.data.types import Example
 from tunesmith.errors import DataError
+from tunesmith.hub import dataset_files, is_hub_id
 
 T = TypeVar("T")
 
@@ -62,18 +63,22 @@ def parse_spec(spec: str) -> DatasetSpec:
     return DatasetSpec(path, ratio=ratio)
 
 
-def load_examples(specs: list[str], seed: int, skip_bad_rows: bool, formats: tuple[RowFormat, ...] = CONVERSATION_FORMATS) -> LoadedData:
+def load_examples(
+    specs: list[str], seed: int, skip_bad_rows: bool, formats: tuple[RowFormat, ...] = CONVERSATION_FORMATS, hub: str | None = None
+) -> LoadedData:
     """Read, validate and sample every spec's file (in one of ``formats``), in order.
 
-    A malformed row raises :class:`DataError`, or with ``skip_bad_rows`` is skipped and
-    counted. A file with no usable row is an error either way.
+    A spec's path may be a Hub dataset ID (``ORG/NAME``, from ``hub``): its train split's files
+    are read in turn. A malformed row raises :class:`DataError`, or with ``skip_bad_rows`` is
+    skipped and counted. A file with no usable row is an error either way.
     """
     examples: list[Example] = []
     bad_rows = 0
     for text in specs:
         spec = parse_spec(text)
         skipped: list[BadRowError] = []
-        rows = list(read_examples(spec.path, on_bad_row=skipped.append if skip_bad_rows else None, formats=formats))
+        paths = dataset_files(spec.path, hub) if is_hub_id(spec.path) else [spec.path]
+        rows = [example for path in paths for example in read_examples(path, on_bad_row=skipped.append if skip_bad_rows else None, formats=formats)]
         bad_rows += len(skipped)
         if not rows:
             detail = f" ({len(skipped)} bad rows skipped; the first: {skipped[0]})" if skipped else ""

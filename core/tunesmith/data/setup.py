@@ -32,11 +32,11 @@ class TrainingData:
 
 
 def build_training_data(trainer, config) -> TrainingData:
-    loaded = load_examples(list(config.dataset), config.seed, config.skip_bad_rows, trainer.row_formats)
+    loaded = load_examples(list(config.dataset), config.seed, config.skip_bad_rows, trainer.row_formats, config.hub)
     train_examples, eval_examples = loaded.examples, []
     bad_rows = loaded.bad_rows
     if config.eval_dataset:
-        loaded_eval = load_examples(list(config.eval_dataset), config.seed, config.skip_bad_rows, trainer.row_formats)
+        loaded_eval = load_examples(list(config.eval_dataset), config.seed, config.skip_bad_rows, trainer.row_formats, config.hub)
         eval_examples = loaded_eval.examples
         bad_rows += loaded_eval.bad_rows
     elif config.val_split > 0:

@@ -50,3 +50,10 @@ class CPUDevice(Device):
 
     def default_precision(self) -> str:
         return "bf16" if cpu_has_native_bf16() and "bf16" in self.supported_precisions() else "fp32"
+
+    def precision_advice(self, precision: str, training: bool) -> str | None:
+        if precision != "fp16":
+            return None
+        native = "bf16 is native on this CPU (--precision bf16)" if self.default_precision() == "bf16" else "fp32 is as fast here"
+        scaling = ", and its loss scaling skips the first steps while it finds a scale" if training else ""
+        return f"note: fp16 is emulated on CPUs, slower than fp32{scaling}; {native}"

@@ -4,7 +4,7 @@ Every line the training loop logs (a training step, an evaluation, a GRPO step w
 per-reward scores) goes to each logger the run uses: the built-in ``jsonl`` logger
 (``OUTPUT/metrics.jsonl``, always on) plus those ``--report-to NAME`` chooses among the
 registered ones (``tensorboard``, ``wandb``, ``mlflow``, plugins' own; ``all`` for every one
-whose package is installed). Only the first process of a run logs. A tracker's package is
+whose package is installed, ``none`` for none, as TRL spells it). Only the first process of a run logs. A tracker's package is
 imported only when a run chooses it.
 """
 
@@ -24,6 +24,8 @@ from tunesmith.errors import ConfigError, PluginError
 ALWAYS_ON = "jsonl"
 #: the ``--report-to`` value meaning every registered logger whose packages are installed
 ALL = "all"
+#: the ``--report-to`` value meaning no tracker besides ``metrics.jsonl`` (TRL's ``report_to: none``)
+NONE = "none"
 
 
 class MetricsLogger(ABC):
@@ -72,6 +74,8 @@ def select_loggers(manager, names: tuple[str, ...] | list[str]) -> list:
     for name in names:
         if name == ALL:
             chosen += [other for other, record in sorted(registered.items()) if not record.spec.missing_modules()]
+            continue
+        if name == NONE:
             continue
         if name not in registered:
             raise ConfigError(f"--report-to {name}: no logger of that name is installed; {describe_installed(registered)}")
