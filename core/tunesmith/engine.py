@@ -147,7 +147,6 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
     state = TrainingState(model, optimizer, scheduler, LoopState(), tokenizer, trainer)
 
     # Resume from the newest complete checkpoint, if any.
-    loggers = open_loggers(manager, config.report_to, output_dir, first_process=strategy.is_global_zero)
     if strategy.is_global_zero:
         remove_staging_leftovers(output_dir)
     strategy.barrier()
@@ -192,6 +191,7 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
     if loop.step >= total_steps:
         say(f"nothing left to train: {loop.step} of {total_steps} steps were done already; writing the result again")
     progress = StepProgress(console, trainer_name, total_steps, loop.step, scheduler.get_last_lr()[0], enabled=strategy.is_global_zero)
+    loggers = open_loggers(manager, config.report_to, output_dir, first_process=strategy.is_global_zero)
     with progress, loggers.run(config.to_dict(), step=loop.step):
         while loop.step < total_steps:
             # One optimizer step: this rank's share of the step's rows, in micro-batches.

@@ -2,9 +2,9 @@
 
 :func:`select_runtime` picks the device and precision for every command. :func:`plan_training`
 adds, for a training run, the strategy and the process count, resolves the model folder and
-the checkpoint to resume, checks the ``--report-to`` loggers, and refuses what cannot work: a strategy the device cannot run, a
+the checkpoint to resume, and refuses what cannot work: a strategy the device cannot run, a
 multi-process job under a single-process strategy, a distributed strategy on a device without
-a collective backend, a checkpoint from another run. The ``tunesmith`` command plans once
+a collective backend, a checkpoint from another run, a ``--report-to`` logger that is not installed. The ``tunesmith`` command plans once
 before it starts any process, so those mistakes cost seconds; every process then plans again
 for itself (each builds its own plugin manager) and the engine checks that all agree.
 """
