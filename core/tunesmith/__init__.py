@@ -16,6 +16,7 @@ from tunesmith.records import (
     DeviceCapabilities,
     DeviceSpec,
     GenerationBackendSpec,
+    LoggerSpec,
     OptimizerSpec,
     OptionSpec,
     RewardSpec,
@@ -51,6 +52,7 @@ _LAZY = {
     "create_plugin_manager": "tunesmith.plugins",
     "BatchOrder": "tunesmith.data.order",
     "MetricsLog": "tunesmith.metrics",
+    "MetricsLogger": "tunesmith.loggers",
     "Completion": "tunesmith.generation",
     "GenerationOptions": "tunesmith.generation",
     "generate_batch": "tunesmith.generation",
@@ -87,6 +89,7 @@ if TYPE_CHECKING:
     from tunesmith.device import Device
     from tunesmith.generation import Completion, GenerationOptions, every_process_finished, generate_batch
     from tunesmith.generation_backend import GenerationBackend, create_generation_backend
+    from tunesmith.loggers import MetricsLogger
     from tunesmith.losses import causal_lm_loss, sequence_logps
     from tunesmith.metrics import MetricsLog
     from tunesmith.models import sequence_scores
@@ -112,6 +115,8 @@ def __dir__() -> list[str]:
 __all__ = [
     "BatchOrder",
     "MetricsLog",
+    "MetricsLogger",
+    "LoggerSpec",
     "CONVERSATION_FORMATS",
     "FieldError",
     "PAIRED_PREFERENCE_FORMATS",

@@ -1,10 +1,10 @@
-"""Registrations of what ships inside the core: the cpu device, the built-in strategies and the
-``transformers`` generation backend."""
+"""Registrations of what ships inside the core: the cpu device, the built-in strategies, the
+``transformers`` generation backend and the metrics loggers."""
 
 import click
 
 from tunesmith.hooks import hookimpl
-from tunesmith.records import DeviceCapabilities, DeviceSpec, GenerationBackendSpec, OptionSpec, StrategySpec
+from tunesmith.records import DeviceCapabilities, DeviceSpec, GenerationBackendSpec, LoggerSpec, OptionSpec, StrategySpec
 
 
 def cpu_is_available() -> bool:
@@ -73,4 +73,29 @@ def tunesmith_register_generation_backends():
             backend="tunesmith.generation_backend:TransformersBackend",
             description="generates with the training model itself, batched, with a KV cache",
         )
+    ]
+
+
+@hookimpl
+def tunesmith_register_loggers():
+    return [
+        LoggerSpec(name="jsonl", logger="tunesmith.loggers.jsonl:JsonlLogger", description="OUTPUT/metrics.jsonl, always on"),
+        LoggerSpec(
+            name="tensorboard",
+            logger="tunesmith.loggers.tensorboard:TensorBoardLogger",
+            description="TensorBoard event files in OUTPUT/runs (pip install tensorboard)",
+            requires=("tensorboard",),
+        ),
+        LoggerSpec(
+            name="wandb",
+            logger="tunesmith.loggers.wandb:WandbLogger",
+            description="a Weights & Biases run, files in OUTPUT/wandb; WANDB_MODE=offline keeps it local (pip install wandb)",
+            requires=("wandb",),
+        ),
+        LoggerSpec(
+            name="mlflow",
+            logger="tunesmith.loggers.mlflow:MLflowLogger",
+            description="an MLflow run in OUTPUT/mlruns, or at MLFLOW_TRACKING_URI (pip install mlflow)",
+            requires=("mlflow",),
+        ),
     ]

@@ -14,6 +14,7 @@ from tunesmith.commands.env import env_command
 from tunesmith.commands.eval import eval_command
 from tunesmith.commands.export import export_command
 from tunesmith.commands.infer import infer_command
+from tunesmith.commands.plot import plot_command
 from tunesmith.commands.plugins import plugins_command
 from tunesmith.commands.score import score_command
 from tunesmith.commands.verify import verify_command
@@ -29,6 +30,7 @@ BUILTIN_COMMANDS = {
     "score": score_command,
     "verify": verify_command,
     "eval": eval_command,
+    "plot": plot_command,
 }
 
 

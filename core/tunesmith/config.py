@@ -103,6 +103,10 @@ class TrainConfig:
     master_port: int = option(0, "Port on the --master-addr machine; 0 picks a free port (one machine only).", click.IntRange(0, 65535))
     # logging and checkpoints
     logging_steps: int = option(1, "Write a metrics line every N steps.", POSITIVE)
+    report_to: tuple = option(
+        (), "Also send the metrics to this tracker: tensorboard, wandb, mlflow, a plugin's logger, all installed ones, or none; repeatable "
+        "(OUTPUT/metrics.jsonl is always written).", multiple=True,
+    )
     save_steps: int = option(100, "Write a checkpoint every N steps; 0 writes only the final result.", NON_NEGATIVE)
     save_total_limit: int = option(0, "Keep at most N checkpoints (the newest is never deleted); 0 keeps all.", NON_NEGATIVE)
     resume: str = option("auto", "auto: continue from the newest complete checkpoint; never; or a checkpoint folder.")

@@ -28,7 +28,7 @@ from tunesmith.data.sharding import shard_step
 from tunesmith.data.tokenize import ensure_chat_template
 from tunesmith.errors import ConfigError, StorageError, TrainingError
 from tunesmith.failure import note_failure_time
-from tunesmith.metrics import MetricsLog
+from tunesmith.loggers import open_loggers
 from tunesmith.models import apply_adapter, load_model, load_tokenizer, resolve_model
 from tunesmith.optimization import build_scheduler, parameter_groups, warmup_steps
 from tunesmith.plugins import PluginManager, create_plugin_manager
@@ -147,7 +147,6 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
     state = TrainingState(model, optimizer, scheduler, LoopState(), tokenizer, trainer)
 
     # Resume from the newest complete checkpoint, if any.
-    metrics = MetricsLog(output_dir / "metrics.jsonl")
     if strategy.is_global_zero:
         remove_staging_leftovers(output_dir)
     strategy.barrier()
@@ -169,7 +168,6 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
     loop = state.loop_state
     loop.run_identity = plan.identity
     if strategy.is_global_zero:
-        metrics.truncate_after(loop.step)
         write_config(config, output_dir / "config.yaml")
 
     def save() -> None:
@@ -193,7 +191,8 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
     if loop.step >= total_steps:
         say(f"nothing left to train: {loop.step} of {total_steps} steps were done already; writing the result again")
     progress = StepProgress(console, trainer_name, total_steps, loop.step, scheduler.get_last_lr()[0], enabled=strategy.is_global_zero)
-    with progress:
+    loggers = open_loggers(manager, config.report_to, output_dir, first_process=strategy.is_global_zero)
+    with progress, loggers.run(config.to_dict(), step=loop.step):
         while loop.step < total_steps:
             # One optimizer step: this rank's share of the step's rows, in micro-batches.
             step = source.next_step(model)
@@ -238,8 +237,7 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
                     **logged,
                 }
                 step_metrics = {}
-                if strategy.is_global_zero:
-                    metrics.write(record)
+                loggers.log(record)
                 progress.logged(loop.step, loss, record["learning_rate"], tokens_per_second)
                 interval_tokens, interval_start = 0, time.perf_counter()
             else:
@@ -247,8 +245,7 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
 
             if data.eval_rows and (loop.step % config.eval_steps == 0 or loop.step == total_steps):
                 evaluation = evaluate(model, trainer, data.eval_rows, config.batch_size, strategy)
-                if strategy.is_global_zero:
-                    metrics.write({"step": loop.step, "epoch": source.epoch_progress(), **evaluation, "device": device.name})
+                loggers.log({"step": loop.step, "epoch": source.epoch_progress(), **evaluation, "device": device.name})
                 say(f"step {loop.step}: eval_loss {evaluation['eval_loss']:.4f}")
             if config.save_steps and loop.step % config.save_steps == 0:
                 save()

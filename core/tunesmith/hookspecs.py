@@ -26,6 +26,7 @@ if TYPE_CHECKING:
         DeviceChoice,
         DeviceSpec,
         GenerationBackendSpec,
+        LoggerSpec,
         OptimizerSpec,
         RewardSpec,
         StrategySpec,
@@ -123,6 +124,28 @@ def tunesmith_register_generation_backends() -> Iterable[GenerationBackendSpec] 
                 return None  # the engine is not installed: nothing to offer
             return [GenerationBackendSpec(name="my-engine", backend="my_package.backend:MyBackend",
                                           devices=("cuda",))]
+    """
+
+
+@hookspec
+def tunesmith_register_loggers() -> Iterable[LoggerSpec] | None:
+    """Register experiment trackers that ``--report-to NAME`` sends a run's metrics to.
+
+    Return :class:`LoggerSpec` records. The logger class (a
+    :class:`tunesmith.loggers.MetricsLogger` subclass) is given as a dotted path so that the
+    tracker's package is imported only when a run chooses it; ``requires`` names the modules
+    it needs, so a missing package is reported before training instead of after it. Only the
+    first process of a run builds loggers: it calls ``start`` once with the resolved options,
+    ``log`` with every line it writes to ``metrics.jsonl``, and ``finish`` when the run ends,
+    whether or not it succeeded. ``metrics.jsonl`` itself is the built-in ``jsonl`` logger,
+    always on.
+
+    Example::
+
+        @hookimpl
+        def tunesmith_register_loggers():
+            return [LoggerSpec(name="my-tracker", logger="my_package.tracker:MyTrackerLogger",
+                               description="sends metrics to My Tracker", requires=("my_tracker",))]
     """
 
 

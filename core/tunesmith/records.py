@@ -9,6 +9,7 @@ Each record is a small frozen dataclass with a validated name: lowercase letters
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -255,6 +256,34 @@ class GenerationBackendSpec:
 
     def load(self):
         return load_object(self.backend)
+
+
+@dataclass(frozen=True)
+class LoggerSpec:
+    """An experiment tracker fed every metrics line: ``logger`` is a :class:`tunesmith.loggers.MetricsLogger`
+    subclass or its dotted path, imported only when ``--report-to`` chooses it.
+
+    ``requires`` names the top-level modules it imports (``("wandb",)``); while one is missing
+    the logger is listed but refused with the ``pip install`` that would fix it, and
+    ``--report-to all`` leaves it out.
+    """
+
+    name: str
+    logger: Any
+    description: str = ""
+    requires: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        validate_name("logger", self.name)
+        if isinstance(self.requires, str):
+            raise PluginError(f"logger {self.name!r}: requires {self.requires!r}: expected a tuple of module names, e.g. ('wandb',)")
+
+    def missing_modules(self) -> list[str]:
+        """The required modules that cannot be imported here (looked up, not imported)."""
+        return [module for module in self.requires if importlib.util.find_spec(module) is None]
+
+    def load(self):
+        return load_object(self.logger)
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@
 adds, for a training run, the strategy and the process count, resolves the model folder and
 the checkpoint to resume, and refuses what cannot work: a strategy the device cannot run, a
 multi-process job under a single-process strategy, a distributed strategy on a device without
-a collective backend, a checkpoint from another run. The ``tunesmith`` command plans once
+a collective backend, a checkpoint from another run, a ``--report-to`` logger that is not installed. The ``tunesmith`` command plans once
 before it starts any process, so those mistakes cost seconds; every process then plans again
 for itself (each builds its own plugin manager) and the engine checks that all agree.
 """
@@ -21,6 +21,7 @@ from tunesmith.checkpoint import find_resume_checkpoint
 from tunesmith.device import Device
 from tunesmith.errors import ConfigError
 from tunesmith.launch import LaunchOptions, ProcessEnvironment
+from tunesmith.loggers import select_loggers
 from tunesmith.models import resolve_model
 from tunesmith.plugins import PluginManager, build_device
 from tunesmith.records import Registered
@@ -99,6 +100,7 @@ def plan_training(trainer_name: str, config: TrainConfig, manager: PluginManager
             f"choose a multi-process strategy: {', '.join(fitting) or 'none is installed'}"
         )
 
+    select_loggers(manager, config.report_to)
     strategy_class = strategy.load()
     options = strategy_options(strategy, config)
     strategy_class.check_runnable(device, precision, options)

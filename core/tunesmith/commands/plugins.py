@@ -11,7 +11,7 @@ from tunesmith.plugins import KINDS, create_plugin_manager
 
 @click.command("plugins")
 def plugins_command():
-    """List installed plugins: kind, name, distribution, version, and device availability."""
+    """List installed plugins: kind, name, distribution, version, and whether a device or logger is usable here."""
     manager = create_plugin_manager()
     table = Table(title="tunesmith plugins")
     # As wide as the terminal: the short columns stay whole, the others wrap (a long name folds);
@@ -25,7 +25,12 @@ def plugins_command():
     availability = {c.name: c.available for c in manager.device_candidates()}
     for kind in KINDS:
         for name, registered in sorted(manager.collect(kind).items()):
-            available = ("yes" if availability[name] else "no") if kind == "device" else ""
+            if kind == "device":
+                available = "yes" if availability[name] else "no"
+            elif kind == "logger":  # a tracker whose package is missing is listed, and says so
+                available = "no" if registered.spec.missing_modules() else "yes"
+            else:
+                available = ""
             table.add_row(kind, name, registered.distribution, registered.version, available, registered.spec.description)
     console = Console()
     console.print(table)
