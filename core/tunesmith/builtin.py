@@ -1,10 +1,10 @@
-"""Registrations of what ships inside the core: the cpu device, the built-in strategies and the
-``transformers`` generation backend."""
+"""Registrations of what ships inside the core: the cpu device, the built-in strategies, the
+``transformers`` generation backend and the ``serve`` command."""
 
 import click
 
 from tunesmith.hooks import hookimpl
-from tunesmith.records import DeviceCapabilities, DeviceSpec, GenerationBackendSpec, OptionSpec, StrategySpec
+from tunesmith.records import CommandSpec, DeviceCapabilities, DeviceSpec, GenerationBackendSpec, OptionSpec, StrategySpec
 
 
 def cpu_is_available() -> bool:
@@ -72,5 +72,16 @@ def tunesmith_register_generation_backends():
             name="transformers",
             backend="tunesmith.generation_backend:TransformersBackend",
             description="generates with the training model itself, batched, with a KV cache",
+        )
+    ]
+
+
+@hookimpl
+def tunesmith_register_commands():
+    return [
+        CommandSpec(
+            name="serve",
+            command="tunesmith.commands.serve:serve_command",
+            description="Serve a model and its adapters over an OpenAI-compatible HTTP API, batching concurrent requests.",
         )
     ]

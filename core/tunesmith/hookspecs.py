@@ -22,6 +22,7 @@ from tunesmith.hooks import hookspec
 
 if TYPE_CHECKING:
     from tunesmith.records import (
+        CommandSpec,
         DeviceCandidate,
         DeviceChoice,
         DeviceSpec,
@@ -123,6 +124,24 @@ def tunesmith_register_generation_backends() -> Iterable[GenerationBackendSpec] 
                 return None  # the engine is not installed: nothing to offer
             return [GenerationBackendSpec(name="my-engine", backend="my_package.backend:MyBackend",
                                           devices=("cuda",))]
+    """
+
+
+@hookspec
+def tunesmith_register_commands() -> Iterable[CommandSpec] | None:
+    """Register ``tunesmith`` sub-commands.
+
+    Return :class:`CommandSpec` records; each becomes ``tunesmith NAME``. Give the click
+    command as a dotted path so that ``tunesmith --help`` lists it (by its ``description``)
+    without importing its module. A name already taken by a built-in command or a trainer is
+    an error naming both. tunesmith's own ``serve`` command registers this way.
+
+    Example::
+
+        @hookimpl
+        def tunesmith_register_commands():
+            return [CommandSpec(name="quantize", command="my_package.cli:quantize_command",
+                                description="quantize a model to 4 bits")]
     """
 
 
