@@ -268,8 +268,31 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(client, batcher):
     next(stream)
     stream.close()
     with batcher.paused():  # waits for the batch in progress to end
-        assert batcher.recent_batches[-1].steps < 200
+        assert batcher.recent_batches[-1].steps < 200, batcher.recent_batches[-1]
     assert chat(client, max_tokens=2).choices[0].message.content is not None
+
+
+def test_the_serve_command_loads_the_model_and_adapters_it_is_given(model_folders, monkeypatch):
+    import uvicorn
+    from starlette.testclient import TestClient
+
+    model_dir, adapter_dir = model_folders
+    answers = []
+
+    def run(app, host, port, log_level):  # instead of listening: one request through the app
+        assert (host, port) == ("127.0.0.1", 8123)
+        with TestClient(app) as test_client:
+            headers = {"Authorization": "Bearer env-key"}
+            answers.append(test_client.get("/v1/models", headers=headers).json())
+            body = {"model": "mine", "messages": MESSAGES, "max_tokens": 2}
+            answers.append(test_client.post("/v1/chat/completions", json=body, headers=headers).json())
+
+    monkeypatch.setattr(uvicorn, "run", run)
+    monkeypatch.setenv("TUNESMITH_API_KEY", "env-key")
+    args = ("--model", model_dir, "--model-name", "base", "--adapter", f"mine={adapter_dir}", "--port", "8123", "--device", "cpu")
+    assert run_cli("serve", *args) == 0
+    assert [model["id"] for model in answers[0]["data"]] == ["base", "mine"]
+    assert answers[1]["model"] == "mine" and answers[1]["usage"]["completion_tokens"] == 2
 
 
 def test_serve_refuses_bad_options_before_loading_anything(tmp_path, capsys, monkeypatch):

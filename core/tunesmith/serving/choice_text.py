@@ -39,7 +39,8 @@ class ChoiceText:
         return piece, stopped
 
     def _held_back(self, text: str) -> int:
-        """How many characters at the end of ``text`` to keep back for now."""
-        if text.endswith("\ufffd"):
-            return len(text) - len(text.rstrip("\ufffd"))
-        return max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        """How many characters at the end of ``text`` to keep back for now: an unfinished
+        character, and before it whatever could be the start of a stop string."""
+        whole = text.rstrip("\ufffd")
+        stop_start = max((k for s in self.stop for k in range(1, len(s)) if whole.endswith(s[:k])), default=0)
+        return len(text) - len(whole) + stop_start

@@ -67,7 +67,7 @@ async def _api_error(request: Request, error: APIError) -> Response:
 
 async def _http_error(request: Request, error: HTTPException) -> Response:
     message = f"{request.method} {request.url.path}: {error.detail}; routes: /v1/chat/completions, /v1/completions, /v1/models, /health"
-    return JSONResponse(APIError(error.status_code, message, code="not_found").body(), status_code=error.status_code)
+    return JSONResponse(APIError(error.status_code, message).body(), status_code=error.status_code)
 
 
 async def _unexpected_error(request: Request, error: Exception) -> Response:
@@ -135,8 +135,10 @@ class _Routes:
         queue: asyncio.Queue = asyncio.Queue()
 
         def deliver(item) -> None:
-            if not loop.is_closed():
+            try:
                 loop.call_soon_threadsafe(queue.put_nowait, item)
+            except RuntimeError:  # the event loop has closed: the server is shutting down and nobody waits
+                pass
 
         job = Job(ids, options, n=parsed.n, stop=parsed.stop, adapter=adapter, deliver=deliver)
         try:
