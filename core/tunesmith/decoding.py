@@ -226,11 +226,13 @@ def _per_row(value, prompt_count: int, num_return_sequences: int, what: str) -> 
 
 
 def _sampling_groups(row_options: list, row_generators: list, device: torch.device) -> list[tuple[torch.Tensor | None, object, object]]:
-    """The rows sampled together (sharing options and generator), as (row indices, options, generator);
-    the indices are None when one group holds every row."""
+    """The rows whose tokens are chosen together, as (row indices, options, generator); the
+    indices are None when one group holds every row. Rows share a group when they choose
+    tokens the same way: the same filters and the same generator, which greedy rows never use."""
     members: dict[tuple, list[int]] = {}
     for index, (option, generator) in enumerate(zip(row_options, row_generators)):
-        members.setdefault((option, id(generator)), []).append(index)
+        key = (option.temperature, option.top_k, option.top_p, option.repetition_penalty, None if option.greedy else id(generator))
+        members.setdefault(key, []).append(index)
     if len(members) == 1:
         return [(None, row_options[0], row_generators[0])]
     return [
