@@ -308,3 +308,31 @@ def test_serve_refuses_bad_options_before_loading_anything(tmp_path, capsys, mon
     assert "expected NAME=DIR" in capsys.readouterr().err
     assert run_cli("serve", "--adapter", f"Bad={tmp_path}") == 2
     assert "invalid adapter name 'Bad'" in capsys.readouterr().err
+
+
+class CharacterTokenizer:
+    """Token i is the i-th character of ``alphabet``; enough to drive ChoiceText."""
+
+    alphabet = "abc END\ufffd"
+
+    def decode(self, token_ids, skip_special_tokens=True):
+        return "".join(self.alphabet[i] for i in token_ids)
+
+
+def test_choice_text_holds_back_what_may_start_a_stop_string_and_cuts_at_it():
+    from tunesmith.serving.choice_text import ChoiceText
+
+    text = ChoiceText(CharacterTokenizer(), stop=["END"])
+    tokens, sent = [], []
+    for character in "ab EN":  # "EN" might begin "END": held back
+        tokens.append(CharacterTokenizer.alphabet.index(character))
+        sent.append(text.advance(tokens, finished=False))
+    assert "".join(piece for piece, _ in sent) == "ab " and not any(stopped for _, stopped in sent)
+    tokens.append(CharacterTokenizer.alphabet.index("D"))
+    assert text.advance(tokens, finished=False) == ("", True)  # the reply is "ab ", already sent
+
+    text = ChoiceText(CharacterTokenizer(), stop=["END"])
+    assert text.advance([0, 3, 4], finished=False) == ("a ", False)
+    assert text.advance([0, 3, 4, 0], finished=False) == ("Ea", False)  # "Ea" cannot start "END" any more
+    assert text.advance([0, 3, 4, 0, 7], finished=False) == ("", False)  # a character not yet whole
+    assert text.advance([0, 3, 4, 0, 7], finished=True) == ("\ufffd", False)
