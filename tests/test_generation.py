@@ -129,6 +129,24 @@ def test_seeded_sampling_is_reproducible_varied_and_leaves_the_global_rng_alone(
     assert torch.equal(torch.get_rng_state(), global_state)
 
 
+def test_per_prompt_options_and_generators_sample_each_prompt_as_it_would_alone(model, tokenizer, prompts):
+    """What a server batching unrelated requests relies on: each prompt's own options, length and
+    generator, unaffected by its batch; every token's logprob under the unfiltered distribution."""
+    from tunesmith.decoding import decode, generation_mode
+
+    options = [GREEDY, SAMPLED, GenerationOptions(max_new_tokens=4, temperature=1.5, top_p=0.5)]
+    special = {"pad_token_id": tokenizer.pad_token_id, "stop_token_ids": [tokenizer.eos_token_id]}
+    with generation_mode(model):
+        *_, together = decode(model, prompts, options, generator=[seeded(index) for index in range(3)], **special)
+        for index, prompt in enumerate(prompts):
+            *_, alone = decode(model, [prompt], options[index], generator=seeded(index), **special)
+            assert together[index].token_ids == alone[0].token_ids
+            assert together[index].logprobs == pytest.approx(alone[0].logprobs)
+    assert [len(row.token_ids) for row in together] == [10, 10, 4]
+    first_logprobs = model(torch.tensor([prompts[1]])).logits[0, -1].double().log_softmax(-1)
+    assert together[1].logprobs[0] == pytest.approx(first_logprobs[together[1].token_ids[0]].item())
+
+
 def test_stop_strings_and_stop_tokens_end_their_rows_only(model, tokenizer, prompts):
     greedy = [transformers_ids(model, tokenizer, prompt, GREEDY) for prompt in prompts]
     full_text = tokenizer.decode(greedy[0], skip_special_tokens=True)

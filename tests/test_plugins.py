@@ -156,6 +156,7 @@ def test_plugins_command_prints_the_table(capsys):
     assert any(row.startswith("trainer sft tunesmith") for row in rows)
     assert any(row.startswith("optimizer adamw tunesmith") for row in rows)
     assert any(row.startswith("strategy single tunesmith") for row in rows)
+    assert any(row.startswith("command serve tunesmith") for row in rows)
 
 
 @pytest.mark.parametrize("command", ["plugins", "env"])

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from tunesmith.errors import ConfigError, DataError, PluginError, RewardError, TrainingError, TunesmithError
 from tunesmith.hooks import hookimpl, hookspec
 from tunesmith.records import (
+    CommandSpec,
     DeviceCapabilities,
     DeviceSpec,
     GenerationBackendSpec,
@@ -124,6 +125,7 @@ __all__ = [
     "RowFormat",
     "TrainerContext",
     "UNPAIRED_PREFERENCE_FORMATS",
+    "CommandSpec",
     "Completion",
     "ConfigError",
     "DataError",

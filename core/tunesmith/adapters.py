@@ -1,4 +1,5 @@
-"""Adapter folders written by training: recognising one, and finding the base model it was trained on.
+"""Adapter folders written by training: recognising one, finding the base model it was trained on,
+and loading several onto one model by name.
 
 A LoRA/DoRA run writes peft adapter folders at ``OUTPUT/checkpoint-N/`` and ``OUTPUT/final/``
 and its resolved options at ``OUTPUT/config.yaml``, whose ``model`` key names the base model.
@@ -67,3 +68,20 @@ def _adapter_config_base_model(adapter: Path) -> str | None:
         raise ConfigError(f"{config_path}: not valid JSON ({error}); pass the base model with --model") from error
     model = config.get("base_model_name_or_path") if isinstance(config, dict) else None
     return model if isinstance(model, str) and model else None
+
+
+def load_named_adapters(model, adapters: dict[str, Path]):
+    """``model`` wrapped in a peft model holding every adapter folder in ``adapters`` under its name.
+
+    The folders are expected to be checked already (:func:`adapter_folder`); each adapter's
+    weights go to the device its base layers are on. The first adapter is active; switch with
+    ``set_adapter(name)``, or run the base model alone inside ``disable_adapter()``.
+    """
+    from peft import PeftModel
+
+    (first_name, first_path), *others = adapters.items()
+    wrapped = PeftModel.from_pretrained(model, first_path, adapter_name=first_name)
+    for name, path in others:
+        wrapped.load_adapter(path, adapter_name=name)
+    wrapped.eval()
+    return wrapped

@@ -1,10 +1,18 @@
 """Registrations of what ships inside the core: the cpu device, the built-in strategies, the
-``transformers`` generation backend and the metrics loggers."""
+``transformers`` generation backend, the metrics loggers and the ``serve``, ``eval`` and ``plot`` commands."""
 
 import click
 
 from tunesmith.hooks import hookimpl
-from tunesmith.records import DeviceCapabilities, DeviceSpec, GenerationBackendSpec, LoggerSpec, OptionSpec, StrategySpec
+from tunesmith.records import (
+    CommandSpec,
+    DeviceCapabilities,
+    DeviceSpec,
+    GenerationBackendSpec,
+    LoggerSpec,
+    OptionSpec,
+    StrategySpec,
+)
 
 
 def cpu_is_available() -> bool:
@@ -97,5 +105,26 @@ def tunesmith_register_loggers():
             logger="tunesmith.loggers.mlflow:MLflowLogger",
             description="an MLflow run in OUTPUT/mlruns, or at MLFLOW_TRACKING_URI (pip install mlflow)",
             requires=("mlflow",),
+        ),
+    ]
+
+
+@hookimpl
+def tunesmith_register_commands():
+    return [
+        CommandSpec(
+            name="serve",
+            command="tunesmith.commands.serve:serve_command",
+            description="Serve a model and its adapters over an OpenAI-compatible HTTP API, batching concurrent requests.",
+        ),
+        CommandSpec(
+            name="eval",
+            command="tunesmith.commands.eval:eval_command",
+            description="Evaluate a model on a dataset: perplexity, or metrics of its replies against references or by reward functions.",
+        ),
+        CommandSpec(
+            name="plot",
+            command="tunesmith.commands.plot:plot_command",
+            description="Plot loss, evaluation loss, learning rate and reward per step of training runs, overlaid.",
         ),
     ]

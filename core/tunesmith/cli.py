@@ -1,4 +1,5 @@
-"""The ``tunesmith`` command line: a click group whose training commands come from trainer plugins."""
+"""The ``tunesmith`` command line: a click group whose training commands come from trainer plugins
+and whose other plugin commands come from ``tunesmith_register_commands``."""
 
 from __future__ import annotations
 
@@ -11,15 +12,14 @@ import click
 
 from tunesmith.commands.devices import devices_command
 from tunesmith.commands.env import env_command
-from tunesmith.commands.eval import eval_command
 from tunesmith.commands.export import export_command
 from tunesmith.commands.infer import infer_command
-from tunesmith.commands.plot import plot_command
 from tunesmith.commands.plugins import plugins_command
 from tunesmith.commands.score import score_command
 from tunesmith.commands.verify import verify_command
-from tunesmith.errors import TunesmithError
+from tunesmith.errors import PluginError, TunesmithError
 from tunesmith.failure import leave_for_launcher, process_rank, unexpected_error_message, write_traceback
+from tunesmith.records import Registered
 
 BUILTIN_COMMANDS = {
     "plugins": plugins_command,
@@ -29,16 +29,16 @@ BUILTIN_COMMANDS = {
     "export": export_command,
     "score": score_command,
     "verify": verify_command,
-    "eval": eval_command,
-    "plot": plot_command,
 }
 
 
 class TunesmithGroup(click.Group):
-    """Built-in commands plus one training command per registered trainer."""
+    """Built-in commands, one training command per registered trainer, and every command a
+    plugin registers (``tunesmith_register_commands``)."""
 
     def list_commands(self, ctx):
-        return sorted(set(BUILTIN_COMMANDS) | set(_manager().collect("trainer")))
+        manager = _manager()
+        return sorted(set(BUILTIN_COMMANDS) | set(manager.collect("trainer")) | set(plugin_commands(manager)))
 
     def get_command(self, ctx, name):
         if name in BUILTIN_COMMANDS:
@@ -50,7 +50,43 @@ class TunesmithGroup(click.Group):
             from tunesmith.config import collect_plugin_options
 
             return make_train_command(name, trainers[name].spec.description, collect_plugin_options(manager, trainer=name))
-        return None
+        registered = plugin_commands(manager).get(name)
+        return registered.load() if registered is not None else None
+
+    def format_commands(self, ctx, formatter):
+        """As click lists commands, except that a plugin's command is described by its record,
+        so that listing it does not import its module."""
+        registered = plugin_commands(_manager())
+        names = self.list_commands(ctx)
+        limit = formatter.width - 6 - max(map(len, names))
+        rows = []
+        for name in names:
+            if name in registered:
+                rows.append((name, registered[name].spec.description))
+                continue
+            command = self.get_command(ctx, name)
+            if command is not None and not command.hidden:
+                rows.append((name, command.get_short_help_str(limit=limit)))
+        if rows:
+            with formatter.section("Commands"):
+                formatter.write_dl(rows)
+
+
+def plugin_commands(manager) -> dict[str, Registered]:
+    """The registered commands by name; one named like a built-in command or a trainer is an error naming both."""
+    trainers = manager.collect("trainer")
+    commands = manager.collect("command")
+    for name, registered in commands.items():
+        source = f"command {name!r} from plugin {registered.plugin} (distribution {registered.distribution})"
+        if name in BUILTIN_COMMANDS:
+            raise PluginError(f"{source} has the name of the built-in command {name!r}; it needs another name")
+        if name in trainers:
+            trainer = trainers[name]
+            raise PluginError(
+                f"{source} has the name of the trainer {name!r} from plugin {trainer.plugin} "
+                f"(distribution {trainer.distribution}), whose training command it would hide; one of them needs another name"
+            )
+    return commands
 
 
 def _manager():

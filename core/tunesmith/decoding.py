@@ -15,7 +15,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -33,10 +33,15 @@ LENGTH = "length"
 
 @dataclass
 class Row:
-    """One sequence being generated: its new tokens so far and, once it has ended, why."""
+    """One sequence being generated: its new tokens so far and, once it has ended, why.
+
+    ``logprobs`` holds, for each new token, its log-probability under the model's own
+    distribution (before the repetition penalty, temperature and top-k/top-p filters).
+    """
 
     token_ids: list[int]
     finish_reason: str | None = None
+    logprobs: list[float] = field(default_factory=list)
 
 
 @contextmanager
@@ -128,26 +133,38 @@ class StopStrings:
 def decode(
     model: torch.nn.Module,
     prompts: list[list[int]],
-    options: GenerationOptions,
+    options: GenerationOptions | Sequence[GenerationOptions],
     *,
     pad_token_id: int,
     stop_token_ids: Sequence[int],
     stop_strings: StopStrings | None = None,
     num_return_sequences: int = 1,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
     all_finished: Callable[[bool], bool] | None = None,
 ) -> Iterator[list[Row]]:
     """Continue every prompt ``num_return_sequences`` times; yield the rows after each step.
 
     Rows are prompt-major (prompt 0's sequences first) and are the same objects at every yield,
     grown by one token each step until they finish; a finished row gets no more tokens. When
-    the generator is exhausted every row has its ``finish_reason``. ``model`` must already be
-    in :func:`generation_mode`. ``all_finished`` (see :func:`tunesmith.generation.generate_batch`)
-    is called once before every step after the first, with whether this process's rows are all
-    finished; the loop goes on until it answers True.
+    the generator is exhausted every row has its ``finish_reason``. A caller may also end a row
+    between two yields by setting its ``finish_reason`` (a server whose client went away, a
+    stop string only that row has): it gets no more tokens from the next step on. ``model``
+    must already be in :func:`generation_mode`. ``all_finished`` (see
+    :func:`tunesmith.generation.generate_batch`) is called once before every step after the
+    first, with whether this process's rows are all finished; the loop goes on until it
+    answers True.
+
+    ``options`` and ``generator`` are one for every prompt, or a sequence with one per prompt:
+    each prompt's rows are then sampled with its own options, up to its own
+    ``max_new_tokens``, drawing from its own generator, so what one prompt samples does not
+    depend on the other prompts in the batch.
     """
     device = next(model.parameters()).device
     rows = [Row([]) for _ in range(len(prompts) * num_return_sequences)]
+    row_options = _per_row(options, len(prompts), num_return_sequences, "options")
+    row_generators = _per_row(generator, len(prompts), num_return_sequences, "generators")
+    groups = _sampling_groups(row_options, row_generators, device)
+    longest = max(option.max_new_tokens for option in row_options)
     input_ids, attention_mask = _left_padded(prompts, pad_token_id, device)
     stop_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
 
@@ -157,7 +174,7 @@ def decode(
     cache_keyword = _cache_keyword(model)
     logits = _forward(model, input_ids, attention_mask, cache, cache_keyword)
     seen = None
-    if options.repetition_penalty != 1:
+    if any(option.repetition_penalty != 1 for option in row_options):
         # Counted, not flagged: a pad position adds 0 and so cannot unmark a real token sharing its id.
         counts = torch.zeros(logits.shape, dtype=torch.long, device=device).scatter_add_(1, input_ids, attention_mask)
         seen = (counts > 0).repeat_interleave(num_return_sequences, dim=0)
@@ -167,8 +184,9 @@ def decode(
         attention_mask = attention_mask.repeat_interleave(num_return_sequences, dim=0)
     running = torch.ones(len(rows), dtype=torch.bool, device=device)
 
-    for step in range(options.max_new_tokens):
-        tokens = select_tokens(logits, seen, options, generator)
+    for step in range(longest):
+        tokens = _select(logits, seen, groups)
+        logprobs = (logits.gather(1, tokens[:, None]).squeeze(1) - logits.logsumexp(dim=-1)).tolist()
         tokens = torch.where(running, tokens, pad_token_id)
         if seen is not None:
             seen[torch.arange(len(rows), device=device), tokens] |= running
@@ -180,12 +198,13 @@ def decode(
                 continue
             row = rows[index]
             row.token_ids.append(token)
+            row.logprobs.append(logprobs[index])
             if stopped_by_token or (stop_strings and stop_strings.found_in(row.token_ids)):
                 row.finish_reason = STOP
-            elif step == options.max_new_tokens - 1:
+            elif len(row.token_ids) == row_options[index].max_new_tokens:
                 row.finish_reason = LENGTH
         yield rows
-        if step == options.max_new_tokens - 1:
+        if step == longest - 1:
             return
         # The new token is attended to only where it is real; a finished row continues on padding.
         attention_mask = torch.cat([attention_mask, running[:, None].long()], dim=1)
@@ -195,6 +214,41 @@ def decode(
         if all_finished(local_done) if all_finished is not None else local_done:
             return
         logits = _forward(model, tokens[:, None], attention_mask, cache, cache_keyword)
+
+
+def _per_row(value, prompt_count: int, num_return_sequences: int, what: str) -> list:
+    """``value`` for every row: the one value repeated, or one per prompt repeated for its rows."""
+    if value is None or not isinstance(value, Sequence):
+        return [value] * (prompt_count * num_return_sequences)
+    if len(value) != prompt_count:
+        raise ConfigError(f"{len(value)} {what} for {prompt_count} prompts: expected one for all prompts or one per prompt")
+    return [item for item in value for _ in range(num_return_sequences)]
+
+
+def _sampling_groups(row_options: list, row_generators: list, device: torch.device) -> list[tuple[torch.Tensor | None, object, object]]:
+    """The rows whose tokens are chosen together, as (row indices, options, generator); the
+    indices are None when one group holds every row. Rows share a group when they choose
+    tokens the same way: the same filters and the same generator, which greedy rows never use."""
+    members: dict[tuple, list[int]] = {}
+    for index, (option, generator) in enumerate(zip(row_options, row_generators)):
+        key = (option.temperature, option.top_k, option.top_p, option.repetition_penalty, None if option.greedy else id(generator))
+        members.setdefault(key, []).append(index)
+    if len(members) == 1:
+        return [(None, row_options[0], row_generators[0])]
+    return [
+        (torch.tensor(indices, device=device), row_options[indices[0]], row_generators[indices[0]]) for indices in members.values()
+    ]
+
+
+def _select(logits: torch.Tensor, seen: torch.Tensor | None, groups) -> torch.Tensor:
+    """Each row's next token, chosen with its group's options and generator."""
+    if groups[0][0] is None:
+        _, options, generator = groups[0]
+        return select_tokens(logits, seen, options, generator)
+    tokens = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    for indices, options, generator in groups:
+        tokens[indices] = select_tokens(logits[indices], seen[indices] if seen is not None else None, options, generator)
+    return tokens
 
 
 def _left_padded(prompts: list[list[int]], pad_token_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

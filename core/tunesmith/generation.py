@@ -155,7 +155,7 @@ def generate_batch(
             model,
             [list(prompt) for prompt in prompts],
             options,
-            pad_token_id=_pad_token_id(tokenizer),
+            pad_token_id=pad_token_id(tokenizer),
             stop_token_ids=stop_token_ids(model, tokenizer),
             stop_strings=checked_stop_strings,
             num_return_sequences=num_return_sequences,
@@ -208,7 +208,7 @@ def stream_reply(model, tokenizer, messages: list[dict[str, str]], options: Gene
             model,
             [prompt_ids(tokenizer, messages)],
             options,
-            pad_token_id=_pad_token_id(tokenizer),
+            pad_token_id=pad_token_id(tokenizer),
             stop_token_ids=stop_token_ids(model, tokenizer),
             generator=_generator(None, options, device),
         )
@@ -226,7 +226,8 @@ def stream_reply(model, tokenizer, messages: list[dict[str, str]], options: Gene
         yield text[len(sent) :]
 
 
-def _pad_token_id(tokenizer) -> int:
+def pad_token_id(tokenizer) -> int:
+    """The id prompts are left-padded with: the tokenizer's pad token, else its eos token."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise ConfigError("the tokenizer has neither a pad token nor an eos token to pad prompts with; set tokenizer.pad_token")

@@ -22,6 +22,7 @@ from tunesmith.hooks import hookspec
 
 if TYPE_CHECKING:
     from tunesmith.records import (
+        CommandSpec,
         DeviceCandidate,
         DeviceChoice,
         DeviceSpec,
@@ -146,6 +147,24 @@ def tunesmith_register_loggers() -> Iterable[LoggerSpec] | None:
         def tunesmith_register_loggers():
             return [LoggerSpec(name="my-tracker", logger="my_package.tracker:MyTrackerLogger",
                                description="sends metrics to My Tracker", requires=("my_tracker",))]
+    """
+
+
+@hookspec
+def tunesmith_register_commands() -> Iterable[CommandSpec] | None:
+    """Register ``tunesmith`` sub-commands.
+
+    Return :class:`CommandSpec` records; each becomes ``tunesmith NAME``. Give the click
+    command as a dotted path so that ``tunesmith --help`` lists it (by its ``description``)
+    without importing its module. A name already taken by a built-in command or a trainer is
+    an error naming both. tunesmith's own ``serve`` command registers this way.
+
+    Example::
+
+        @hookimpl
+        def tunesmith_register_commands():
+            return [CommandSpec(name="quantize", command="my_package.cli:quantize_command",
+                                description="quantize a model to 4 bits")]
     """
 
 

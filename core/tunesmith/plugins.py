@@ -2,7 +2,7 @@
 
 Plugins are modules named by entry points in the ``tunesmith`` group. tunesmith's own
 built-ins (the cpu device, the ``single`` strategy, the ``sft``/``pt`` trainers, the
-optimizers, the ``transformers`` generation backend, the metrics loggers) register through the same entry points and always load. Third-party plugins obey
+optimizers, the ``transformers`` generation backend, the metrics loggers, the ``serve`` command) register through the same entry points and always load. Third-party plugins obey
 the ``TUNESMITH_PLUGINS`` allow-list: unset loads all, empty loads none, otherwise a
 comma-separated list of entry-point or distribution names; a name there that matches no
 installed plugin is reported once as a warning. A plugin that fails to import is reported as a
@@ -24,6 +24,7 @@ from tunesmith import hookspecs
 from tunesmith.errors import PluginError
 from tunesmith.hooks import PROJECT_NAME
 from tunesmith.records import (
+    CommandSpec,
     DeviceCandidate,
     DeviceChoice,
     DeviceSpec,
@@ -50,6 +51,7 @@ KINDS = {
     "reward": "tunesmith_register_rewards",
     "generation backend": "tunesmith_register_generation_backends",
     "logger": "tunesmith_register_loggers",
+    "command": "tunesmith_register_commands",
 }
 RECORD_TYPES = {
     "device": DeviceSpec,
@@ -59,6 +61,7 @@ RECORD_TYPES = {
     "reward": RewardSpec,
     "generation backend": GenerationBackendSpec,
     "logger": LoggerSpec,
+    "command": CommandSpec,
 }
 
 

@@ -287,6 +287,38 @@ class LoggerSpec:
 
 
 @dataclass(frozen=True)
+class CommandSpec:
+    """A ``tunesmith NAME`` command: ``command`` is a click command or its dotted path.
+
+    Given as a path, the command's module is imported only when the command runs or shows its
+    own help, so ``tunesmith --help`` lists it by ``description`` without importing it.
+    """
+
+    name: str
+    command: Any
+    description: str = ""
+
+    def __post_init__(self):
+        validate_name("command", self.name)
+        if not isinstance(self.command, str):
+            import click
+
+            if not isinstance(self.command, click.Command):
+                raise PluginError(
+                    f"command {self.name!r}: {self.command!r} is neither a click command nor a dotted path "
+                    "'package.module:command'"
+                )
+
+    def load(self):
+        import click
+
+        command = load_object(self.command)
+        if not isinstance(command, click.Command):
+            raise PluginError(f"command {self.name!r}: {self.command!r} is {command!r}, not a click command (decorate it with @click.command)")
+        return command
+
+
+@dataclass(frozen=True)
 class Registered:
     """A record together with the plugin and distribution that registered it."""
 

@@ -1,0 +1,259 @@
+"""Dynamic batching: one thread owns the model and generates for every queued request that fits.
+
+Requests wait in a bounded queue. Whenever the model is free, the worker thread takes the
+oldest waiting request and every other waiting request for the same adapter (up to
+``max_batch_rows`` choices in all) and runs them as one batch through
+:func:`tunesmith.decoding.decode`: concurrent requests share each forward pass instead of
+taking turns. Requests for another adapter wait for a later batch, since a batch runs with one
+adapter active. Each request samples from its own generator, seeded from its ``seed`` when it
+has one, so its reply does not depend on what it was batched with; the global RNG is never used.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+import torch
+
+from tunesmith.decoding import STOP, decode, generation_mode
+from tunesmith.generation import GenerationOptions, pad_token_id, stop_token_ids
+from tunesmith.serving.choice_text import ChoiceText
+
+#: the finish reason of a row whose request went away (a client that disconnected)
+CANCELLED = "cancelled"
+#: how many past batches :attr:`Batcher.recent_batches` keeps
+RECENT_BATCHES = 256
+
+
+@dataclass(frozen=True)
+class ChoicePiece:
+    """What one choice of a request gained in one decode step.
+
+    ``text`` is what may be sent now (possibly empty while a stop string might be starting);
+    ``token_ids`` and ``logprobs`` are the step's new tokens and their log-probabilities;
+    ``finish_reason`` is set on the choice's last piece: ``"stop"`` or ``"length"``.
+    """
+
+    index: int
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+    finish_reason: str | None
+
+
+@dataclass(frozen=True)
+class BatchRecord:
+    """One batch the worker ran: the adapter (None for the base model), how many requests and
+    choices it held, and how many decode steps it took."""
+
+    adapter: str | None
+    requests: int
+    rows: int
+    steps: int
+
+
+class QueueFull(Exception):
+    """The queue already holds ``max_queue`` waiting requests."""
+
+
+class Job:
+    """One request's generation: ``n`` choices continuing ``prompt_ids``.
+
+    ``deliver`` is called from the worker thread: with a list of :class:`ChoicePiece` after each
+    step in which choices changed, with ``None`` once every choice has finished, or with the
+    exception that ended the batch.
+    """
+
+    def __init__(
+        self,
+        prompt_ids: Sequence[int],
+        options: GenerationOptions,
+        *,
+        n: int,
+        stop: Sequence[str],
+        adapter: str | None,
+        deliver: Callable[[list[ChoicePiece] | BaseException | None], None],
+    ):
+        self.prompt_ids = list(prompt_ids)
+        self.options = options
+        self.n = n
+        self.stop = tuple(stop)
+        self.adapter = adapter
+        self.deliver = deliver
+        self.cancelled = threading.Event()
+
+
+class Batcher:
+    """The worker thread, its queue, and the model it owns.
+
+    ``model`` is a causal LM, or a peft model holding every adapter in ``adapters`` (a request
+    names one, or None for the base model). Nothing else may use the model while the worker
+    runs, except inside :meth:`paused`.
+    """
+
+    def __init__(self, model, tokenizer, *, adapters: Sequence[str] = (), max_queue: int, max_batch_rows: int):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.adapters = tuple(adapters)
+        self.max_queue = max_queue
+        self.max_batch_rows = max_batch_rows
+        self.recent_batches: deque[BatchRecord] = deque(maxlen=RECENT_BATCHES)
+        self._waiting: deque[Job] = deque()
+        self._condition = threading.Condition()
+        self._pauses = 0
+        self._running = False
+        self._closed = False
+        self._pad_token_id = pad_token_id(tokenizer)
+        self._stop_token_ids = stop_token_ids(model, tokenizer)
+        self._device = next(model.parameters()).device
+        self._thread = threading.Thread(target=self._work, name="tunesmith-batcher", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        """Stop after the batch in progress; requests still waiting are never answered."""
+        with self._condition:
+            self._closed = True
+            self._condition.notify_all()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    @property
+    def waiting(self) -> int:
+        """How many requests are queued and not yet in a batch."""
+        with self._condition:
+            return len(self._waiting)
+
+    def submit(self, job: Job) -> None:
+        """Queue ``job``; :class:`QueueFull` when ``max_queue`` requests already wait."""
+        with self._condition:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting (--max-queue {self.max_queue})")
+            self._waiting.append(job)
+            self._condition.notify_all()
+
+    def cancel(self, job: Job) -> None:
+        """Drop ``job``: out of the queue if it still waits, else its rows stop at the next step."""
+        job.cancelled.set()
+        with self._condition:
+            if job in self._waiting:
+                self._waiting.remove(job)
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """No batch runs inside: the batch in progress finishes first, and new requests wait in
+        the queue (counting toward ``max_queue``) until the pause ends, when the worker takes them
+        together. Lets a caller use the model itself, or line requests up for one batch."""
+        with self._condition:
+            self._pauses += 1
+            self._condition.wait_for(lambda: not self._running)
+        try:
+            yield
+        finally:
+            with self._condition:
+                self._pauses -= 1
+                self._condition.notify_all()
+
+    def _work(self) -> None:
+        while True:
+            with self._condition:
+                self._condition.wait_for(lambda: self._closed or (self._waiting and not self._pauses))
+                if self._closed:
+                    return
+                jobs = self._take()
+                self._running = True
+            try:
+                self._generate(jobs)
+            except Exception as error:  # the batch fails; the server goes on serving
+                for job in jobs:
+                    job.deliver(error)
+            finally:
+                with self._condition:
+                    self._running = False
+                    self._condition.notify_all()
+
+    def _take(self) -> list[Job]:
+        """The oldest waiting job and every later one for the same adapter that still fits."""
+        adapter = self._waiting[0].adapter
+        jobs, rows = [], 0
+        for job in list(self._waiting):
+            if job.adapter == adapter and (not jobs or rows + job.n <= self.max_batch_rows):
+                jobs.append(job)
+                rows += job.n
+                self._waiting.remove(job)
+        return jobs
+
+    def _generate(self, jobs: list[Job]) -> None:
+        prompts, options, generators, choices = [], [], [], []
+        for job in jobs:
+            generator = torch.Generator(device=self._device)
+            if job.options.seed is not None:
+                generator.manual_seed(job.options.seed)
+            else:
+                generator.seed()
+            prompts += [job.prompt_ids] * job.n
+            options += [job.options] * job.n
+            generators += [generator] * job.n
+            choices.append([_Choice(ChoiceText(self.tokenizer, job.stop)) for _ in range(job.n)])
+        steps = 0
+        with self._adapter(jobs[0].adapter), generation_mode(self.model):
+            decoding = decode(
+                self.model, prompts, options, pad_token_id=self._pad_token_id, stop_token_ids=self._stop_token_ids, generator=generators
+            )
+            try:
+                for rows in decoding:
+                    steps += 1
+                    start = 0
+                    for job, job_choices in zip(jobs, choices):
+                        self._advance(job, job_choices, rows[start : start + job.n])
+                        start += job.n
+            finally:
+                decoding.close()
+        self.recent_batches.append(BatchRecord(jobs[0].adapter, len(jobs), len(prompts), steps))
+
+    def _advance(self, job: Job, choices: list[_Choice], rows) -> None:
+        """Send ``job`` what its rows gained this step; end its rows when it was cancelled or hit a stop string."""
+        if all(choice.reported_finish for choice in choices):
+            return
+        if job.cancelled.is_set():
+            for row, choice in zip(rows, choices):
+                row.finish_reason = row.finish_reason or CANCELLED
+                choice.reported_finish = True
+            return
+        pieces = []
+        for index, (row, choice) in enumerate(zip(rows, choices)):
+            if choice.reported_finish:
+                continue
+            text, stopped = choice.text.advance(row.token_ids, row.finish_reason is not None)
+            if stopped and row.finish_reason is None:
+                row.finish_reason = STOP
+            new = slice(choice.tokens_sent, len(row.token_ids))
+            pieces.append(ChoicePiece(index, text, tuple(row.token_ids[new]), tuple(row.logprobs[new]), row.finish_reason))
+            choice.tokens_sent = len(row.token_ids)
+            choice.reported_finish = row.finish_reason is not None
+        job.deliver(pieces)
+        if all(choice.reported_finish for choice in choices):
+            job.deliver(None)
+
+    def _adapter(self, name: str | None):
+        """The context in which the model runs as adapter ``name`` (None: the base model alone)."""
+        if not self.adapters:
+            return nullcontext()
+        if name is None:
+            return self.model.disable_adapter()
+        self.model.set_adapter(name)
+        return nullcontext()
+
+
+class _Choice:
+    """What has been sent of one choice so far."""
+
+    def __init__(self, text: ChoiceText):
+        self.text = text
+        self.tokens_sent = 0
+        self.reported_finish = False
