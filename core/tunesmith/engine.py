@@ -27,12 +27,13 @@ from tunesmith.data.examples import CONVERSATION_FORMATS
 from tunesmith.data.setup import build_training_data
 from tunesmith.data.sharding import shard_step
 from tunesmith.data.tokenize import ensure_chat_template
-from tunesmith.errors import ConfigError, StorageError, TrainingError
+from tunesmith.errors import ConfigError, Stopped, StorageError, TrainingError
 from tunesmith.failure import note_failure_time
 from tunesmith.metrics import MetricsLog
 from tunesmith.models import apply_adapter, load_model, load_tokenizer, resolve_model
 from tunesmith.optimization import build_scheduler, parameter_groups, warmup_steps
 from tunesmith.plugins import PluginManager, create_plugin_manager
+from tunesmith.preemption import StopRequests, exit_code, signal_name
 from tunesmith.reference import ReferenceModel
 from tunesmith.resume import check_within_schedule
 from tunesmith.runtime import TrainingPlan, plan_training, strategy_options
@@ -169,7 +170,7 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
         metrics.truncate_after(loop.step)
         write_config(config, output_dir / "config.yaml")
 
-    def save() -> None:
+    def save() -> Path:
         folder = output_dir / f"checkpoint-{loop.step}"
         with advice_on_storage_errors(output_dir, config.save_total_limit):
             shortage = None
@@ -184,6 +185,7 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
             strategy.save_checkpoint(folder, state)
         if strategy.is_global_zero:
             rotate_checkpoints(output_dir, config.save_total_limit)
+        return folder
 
     progress = Progress(
         TextColumn("[bold]{task.description}"),
@@ -198,7 +200,7 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
     step_metrics: dict[str, float] = {}  # what the source measured making steps since the last logged one
     if loop.step >= total_steps:
         say(f"nothing left to train: {loop.step} of {total_steps} steps were done already; writing the result again")
-    with progress:
+    with progress, StopRequests() as stop_requests:
         # Until the first logged step there is no loss to show: a dash, not "nan".
         task = progress.add_task(trainer_name, total=total_steps, completed=loop.step, loss="-", lr=scheduler.get_last_lr()[0], tps=0.0)
         while loop.step < total_steps:
@@ -257,8 +259,17 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
                 if strategy.is_global_zero:
                     metrics.write({"step": loop.step, "epoch": source.epoch_progress(), **evaluation, "device": device.name})
                 say(f"step {loop.step}: eval_loss {evaluation['eval_loss']:.4f}")
-            if config.save_steps and loop.step % config.save_steps == 0:
+            saved_now = config.save_steps and loop.step % config.save_steps == 0
+            if saved_now:
                 save()
+            stop = stop_requests.agreed(strategy)
+            if stop:
+                folder = output_dir / f"checkpoint-{loop.step}" if saved_now else save()
+                raise Stopped(
+                    f"stopped by {signal_name(stop)} after step {loop.step} of {total_steps}; saved {folder}. "
+                    "Run the same command again to resume from it",
+                    exit_code(stop),
+                )
 
     final_dir = output_dir / "final"
     with advice_on_storage_errors(output_dir, config.save_total_limit):
