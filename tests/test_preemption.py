@@ -52,7 +52,7 @@ def test_stop_requests_restore_the_previous_handlers_and_a_second_ctrl_c_stops_a
 
 def test_sigterm_saves_the_step_it_stopped_at_and_the_same_command_resumes_bit_identically(tiny_model_dir, tmp_path, capsys):
     data = write_jsonl(tmp_path / "train.jsonl", chat_rows(12))
-    max_steps = 40
+    max_steps = 20
     reference = tmp_path / "reference"
     assert run_cli(*command(tiny_model_dir, data, reference, max_steps)) == 0
 
@@ -123,3 +123,27 @@ def test_a_second_ctrl_c_while_saving_stops_at_once_leaving_the_previous_checkpo
     assert "aborted" in capsys.readouterr().err
     assert [path.name for path in output.iterdir() if "checkpoint" in path.name] == ["checkpoint-2"]
     assert_complete_checkpoint(output / "checkpoint-2")
+
+
+def test_sigterm_to_the_launcher_stops_both_ddp_processes_after_the_same_step(tiny_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "train.jsonl", chat_rows(12))
+    output = tmp_path / "ddp"
+    argv = [
+        sys.executable, "-m", "tunesmith", *command(tiny_model_dir, data, output, 200, save_steps=2),
+        "--strategy", "ddp", "--nproc-per-node", "2", "--batch-size", "1",
+    ]
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + 120
+    while not (output / "checkpoint-2").is_dir():
+        assert process.poll() is None, process.stderr.read()
+        assert time.monotonic() < deadline, "the job never wrote its first checkpoint"
+        time.sleep(0.01)
+    os.kill(process.pid, signal.SIGTERM)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 143, stderr
+    step, newest = list_checkpoints(output)[-1]
+    assert f"stopped by SIGTERM after step {step} of 200; saved {newest}" in stderr
+    # Written together: each process saved its own generator state into the one checkpoint of that step.
+    assert_complete_checkpoint(newest)
+    assert {path.name for path in newest.glob("rng_state-rank*.pt")} == {"rng_state-rank0.pt", "rng_state-rank1.pt"}
+    assert read_metrics(output)[-1]["step"] == step

@@ -19,8 +19,6 @@ from __future__ import annotations
 import signal
 import threading
 
-import torch
-
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
@@ -64,6 +62,8 @@ class StopRequests:
 
         A collective: every process calls it at the same point of every step.
         """
+        import torch  # here, so that the launcher reading STOP_SIGNALS does not import it
+
         requested = torch.tensor([self.signal_number], dtype=torch.int32)
         return int(strategy.reduce(requested, op="max").item())
 
