@@ -35,7 +35,7 @@ from tunesmith.optimization import build_scheduler, parameter_groups, warmup_ste
 from tunesmith.plugins import PluginManager, create_plugin_manager
 from tunesmith.preemption import StopRequests, exit_code, signal_name
 from tunesmith.reference import ReferenceModel
-from tunesmith.resume import check_within_schedule
+from tunesmith.resume import check_within_schedule, schedule_change
 from tunesmith.runtime import TrainingPlan, plan_training, strategy_options
 from tunesmith.steps import DatasetSteps, StepPlan, StepSource
 from tunesmith.storage import checkpoint_shortage
@@ -156,6 +156,7 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
         chosen = [{key: group[key] for key in ("initial_lr", "weight_decay")} for group in optimizer.param_groups]
         loaded = strategy.load_checkpoint(plan.resume_from, state)
         state.loop_state = loaded.loop_state
+        rate_then = scheduler.get_last_lr()[0]
         source.load_state_dict(loaded.step_source_state)
         for group, values in zip(optimizer.param_groups, chosen):
             group.update(values)
@@ -164,8 +165,13 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
         for group, base_rate, rate_at in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
             group["lr"] = base_rate * rate_at(scheduler.last_epoch)
         say(f"resuming from {plan.resume_from} (step {state.loop_state.step} of {total_steps})")
+        change = schedule_change(
+            state.loop_state, total_steps, config.lr_scheduler, rate_then, optimizer.param_groups[0]["lr"]
+        )
+        if change:
+            say(change)
     loop = state.loop_state
-    loop.run_identity = plan.identity
+    loop.run_identity, loop.total_steps = plan.identity, total_steps
     if strategy.is_global_zero:
         metrics.truncate_after(loop.step)
         write_config(config, output_dir / "config.yaml")
