@@ -39,14 +39,16 @@ def assert_complete_checkpoint(folder):
     assert (folder / STEPS_FILE).is_file()
 
 
-def test_stop_requests_restore_the_previous_handlers_and_a_second_ctrl_c_stops_at_once():
+@pytest.mark.parametrize(("first", "second"), [(signal.SIGTERM, signal.SIGINT), (signal.SIGINT, signal.SIGINT), (signal.SIGINT, signal.SIGTERM)])
+def test_stop_requests_restore_the_previous_handlers_and_a_second_ctrl_c_stops_at_once(first, second):
     before = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
     with StopRequests() as requests:
-        signal.raise_signal(signal.SIGTERM)
-        signal.raise_signal(signal.SIGTERM)  # schedulers and launchers may both send one
-        assert requests.signal_number == signal.SIGTERM
+        signal.raise_signal(first)
+        if first == signal.SIGTERM:
+            signal.raise_signal(signal.SIGTERM)  # schedulers and launchers may both send one
+        assert requests.signal_number == first
         with pytest.raises(KeyboardInterrupt):
-            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(second)
     assert {number: signal.getsignal(number) for number in before} == before
 
 

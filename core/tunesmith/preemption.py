@@ -10,8 +10,10 @@ ended.
 
 A second Ctrl-C stops at once, even mid-checkpoint: the folder being written is abandoned,
 and since checkpoints are written atomically (:mod:`tunesmith.atomic`) a partial one is never
-taken for a complete one. A repeated SIGTERM is ignored: schedulers send it to every process
-of a job and torch's launcher forwards its own, so one process may well receive two.
+taken for a complete one. So does a SIGTERM after a Ctrl-C: torch's launcher, pressed Ctrl-C
+twice, forwards the first as SIGINT and then sends SIGTERM. A SIGTERM after a SIGTERM is
+ignored: schedulers send it to every process of a job and the launcher forwards its own, so
+one process may well receive two.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ class StopRequests:
         self._previous.clear()
 
     def _receive(self, number: int, frame) -> None:
-        if self.signal_number and number == signal.SIGINT:
+        if self.signal_number and signal.SIGINT in (number, self.signal_number):
             self._restore()
             raise KeyboardInterrupt
         self.signal_number = self.signal_number or number
