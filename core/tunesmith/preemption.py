@@ -10,18 +10,23 @@ ended.
 
 A second Ctrl-C stops at once, even mid-checkpoint: the folder being written is abandoned,
 and since checkpoints are written atomically (:mod:`tunesmith.atomic`) a partial one is never
-taken for a complete one. So does a SIGTERM after a Ctrl-C: torch's launcher, pressed Ctrl-C
-twice, forwards the first as SIGINT and then sends SIGTERM. A SIGTERM after a SIGTERM is
-ignored: schedulers send it to every process of a job and the launcher forwards its own, so
-one process may well receive two.
+taken for a complete one. So does a SIGTERM that comes more than ``PASSED_ON_SECONDS`` after
+a Ctrl-C: torch's launcher, pressed Ctrl-C twice, forwards the first as SIGINT and then sends
+SIGTERM. One that comes sooner is the same Ctrl-C passed on: DeepSpeed's launcher answers the
+terminal's Ctrl-C, which its workers also receive, with SIGTERM to each of them. A SIGTERM
+after a SIGTERM is ignored: schedulers send it to every process of a job and launchers forward
+their own, so one process may well receive two.
 """
 
 from __future__ import annotations
 
 import signal
 import threading
+import time
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+#: a SIGTERM this soon after a Ctrl-C is a launcher passing the Ctrl-C on, not a second request
+PASSED_ON_SECONDS = 1.0
 
 
 class StopRequests:
@@ -35,6 +40,7 @@ class StopRequests:
     def __init__(self) -> None:
         #: the first stop signal received, 0 while none was
         self.signal_number = 0
+        self._received_at = 0.0
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopRequests:
@@ -54,10 +60,13 @@ class StopRequests:
         self._previous.clear()
 
     def _receive(self, number: int, frame) -> None:
-        if self.signal_number and signal.SIGINT in (number, self.signal_number):
+        if not self.signal_number:
+            self.signal_number, self._received_at = number, time.monotonic()
+            return
+        passed_on = number == signal.SIGTERM and time.monotonic() - self._received_at < PASSED_ON_SECONDS
+        if signal.SIGINT in (number, self.signal_number) and not passed_on:
             self._restore()
             raise KeyboardInterrupt
-        self.signal_number = self.signal_number or number
 
     def agreed(self, strategy) -> int:
         """The stop signal any process received (the highest number), 0 when none did.
