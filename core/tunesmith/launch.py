@@ -124,20 +124,25 @@ def launch_processes(command: str, config, options: LaunchOptions) -> None:
         except ChildFailedError as failed:
             first = first_failure(failures)
             codes = {failure.exitcode for failure in failed.failures.values()}
-            if first is not None and codes == {first.exit_code} and first.exit_code in map(exit_code, STOP_SIGNALS):
-                raise Stopped(first.message, first.exit_code) from None  # a worker was sent the signal, not the launcher
+            if first is not None and codes == {first.exit_code} and _stopped_by_signal(first):
+                raise Stopped(first.message, first.exit_code) from None  # the workers were sent the signal, not the launcher
             raise _job_failure(failed, first) from None
         except SignalException as stopped:
             raise _job_stopped(stopped.sigval, first_failure(failures), config.output_dir) from None
         finally:
             del os.environ[FAILURE_FOLDER_VARIABLE]
             for number, handler in handlers.items():  # the agent leaves its own installed
-                signal.signal(number, handler)
+                if handler is not None:
+                    signal.signal(number, handler)
+
+
+def _stopped_by_signal(failure: ProcessFailure) -> bool:
+    return failure.exit_code in {exit_code(number) for number in STOP_SIGNALS}
 
 
 def _job_stopped(number: int, first: ProcessFailure | None, output_dir: str) -> Stopped:
     """What the workers said when they stopped on the signal the launcher forwarded to them."""
-    if first is not None and first.exit_code == exit_code(number):
+    if first is not None and _stopped_by_signal(first):
         return Stopped(first.message, first.exit_code)
     return Stopped(
         f"stopped by {signal_name(number)} before the processes could save a checkpoint; the newest complete checkpoint "
