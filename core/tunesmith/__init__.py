@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from tunesmith.errors import ConfigError, DataError, PluginError, RewardError, TrainingError, TunesmithError
+from tunesmith.errors import ConfigError, DataError, PluginError, RewardError, Stopped, TrainingError, TunesmithError
 from tunesmith.hooks import hookimpl, hookspec
 from tunesmith.records import (
     CommandSpec,
@@ -151,6 +151,7 @@ __all__ = [
     "StepOutcome",
     "StepPlan",
     "StepSource",
+    "Stopped",
     "Strategy",
     "StrategySpec",
     "Trainer",

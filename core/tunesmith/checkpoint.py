@@ -41,6 +41,8 @@ class LoopState:
     num_tokens: int = 0
     skipped_steps: int = 0
     bad_steps_in_a_row: int = 0
+    #: the steps the run planned when it saved (0 in checkpoints from before this was kept)
+    total_steps: int = 0
     #: the options that must not change between a checkpoint and the run resuming it
     run_identity: dict[str, Any] = field(default_factory=dict)
 

@@ -17,7 +17,7 @@ from tunesmith.commands.infer import infer_command
 from tunesmith.commands.plugins import plugins_command
 from tunesmith.commands.score import score_command
 from tunesmith.commands.verify import verify_command
-from tunesmith.errors import PluginError, TunesmithError
+from tunesmith.errors import PluginError, Stopped, TunesmithError
 from tunesmith.failure import leave_for_launcher, process_rank, unexpected_error_message, write_traceback
 from tunesmith.records import Registered
 
@@ -124,6 +124,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(error.exit_code)
     except click.exceptions.Exit as done:
         sys.exit(done.exit_code)
+    except Stopped as stopped:
+        _fail(str(stopped), stopped.exit_code, label=None)
     except TunesmithError as error:
         _fail(str(error), error.exit_code)
     except Exception as error:
@@ -133,9 +135,11 @@ def main(argv: list[str] | None = None) -> None:
         _fail(unexpected_error_message(error, log), 1)
 
 
-def _fail(message: str, exit_code: int) -> None:
-    """Show ``message`` (or leave it for tunesmith's launcher to show) and exit."""
+def _fail(message: str, exit_code: int, label: str | None = "error") -> None:
+    """Show ``message`` after ``label`` (or leave it for tunesmith's launcher to show) and exit."""
     if not leave_for_launcher(message, exit_code):
-        rank = process_rank()
-        click.echo(f"error: {message}" if rank is None else f"error (rank {rank}): {message}", err=True)
+        prefix, rank = label or "", process_rank()
+        if rank is not None:
+            prefix = f"{prefix} (rank {rank})" if prefix else f"rank {rank}"
+        click.echo(f"{prefix}: {message}" if prefix else message, err=True)
     sys.exit(exit_code)

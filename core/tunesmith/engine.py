@@ -26,15 +26,16 @@ from tunesmith.data.examples import CONVERSATION_FORMATS
 from tunesmith.data.setup import build_training_data
 from tunesmith.data.sharding import shard_step
 from tunesmith.data.tokenize import ensure_chat_template
-from tunesmith.errors import ConfigError, StorageError, TrainingError
+from tunesmith.errors import ConfigError, Stopped, StorageError, TrainingError
 from tunesmith.failure import note_failure_time
 from tunesmith.loggers import open_loggers
 from tunesmith.models import apply_adapter, load_model, load_tokenizer, resolve_model
 from tunesmith.optimization import build_scheduler, parameter_groups, warmup_steps
 from tunesmith.plugins import PluginManager, create_plugin_manager
+from tunesmith.preemption import StopRequests, exit_code, signal_name
 from tunesmith.progress import StepProgress
 from tunesmith.reference import ReferenceModel
-from tunesmith.resume import check_within_schedule
+from tunesmith.resume import check_within_schedule, schedule_change
 from tunesmith.runtime import TrainingPlan, plan_training, strategy_options
 from tunesmith.steps import DatasetSteps, StepPlan, StepSource
 from tunesmith.storage import checkpoint_shortage
@@ -157,6 +158,7 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
         chosen = [{key: group[key] for key in ("initial_lr", "weight_decay")} for group in optimizer.param_groups]
         loaded = strategy.load_checkpoint(plan.resume_from, state)
         state.loop_state = loaded.loop_state
+        rate_then = scheduler.get_last_lr()[0]
         source.load_state_dict(loaded.step_source_state)
         for group, values in zip(optimizer.param_groups, chosen):
             group.update(values)
@@ -165,12 +167,17 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
         for group, base_rate, rate_at in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
             group["lr"] = base_rate * rate_at(scheduler.last_epoch)
         say(f"resuming from {plan.resume_from} (step {state.loop_state.step} of {total_steps})")
+        change = schedule_change(
+            state.loop_state, total_steps, config.lr_scheduler, rate_then, optimizer.param_groups[0]["lr"]
+        )
+        if change:
+            say(change)
     loop = state.loop_state
-    loop.run_identity = plan.identity
+    loop.run_identity, loop.total_steps = plan.identity, total_steps
     if strategy.is_global_zero:
         write_config(config, output_dir / "config.yaml")
 
-    def save() -> None:
+    def save() -> Path:
         folder = output_dir / f"checkpoint-{loop.step}"
         with advice_on_storage_errors(output_dir, config.save_total_limit):
             shortage = None
@@ -185,6 +192,7 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
             strategy.save_checkpoint(folder, state)
         if strategy.is_global_zero:
             rotate_checkpoints(output_dir, config.save_total_limit)
+        return folder
 
     interval_tokens, interval_start = 0, time.perf_counter()
     step_metrics: dict[str, float] = {}  # what the source measured making steps since the last logged one
@@ -192,7 +200,7 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
         say(f"nothing left to train: {loop.step} of {total_steps} steps were done already; writing the result again")
     progress = StepProgress(console, trainer_name, total_steps, loop.step, scheduler.get_last_lr()[0], enabled=strategy.is_global_zero)
     loggers = open_loggers(manager, config.report_to, output_dir, first_process=strategy.is_global_zero)
-    with progress, loggers.run(config.to_dict(), step=loop.step):
+    with progress, loggers.run(config.to_dict(), step=loop.step), StopRequests() as stop_requests:
         while loop.step < total_steps:
             # One optimizer step: this rank's share of the step's rows, in micro-batches.
             step = source.next_step(model)
@@ -247,8 +255,17 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
                 evaluation = evaluate(model, trainer, data.eval_rows, config.batch_size, strategy)
                 loggers.log({"step": loop.step, "epoch": source.epoch_progress(), **evaluation, "device": device.name})
                 say(f"step {loop.step}: eval_loss {evaluation['eval_loss']:.4f}")
-            if config.save_steps and loop.step % config.save_steps == 0:
+            saved_now = config.save_steps and loop.step % config.save_steps == 0
+            if saved_now:
                 save()
+            stop = stop_requests.agreed(strategy)
+            if stop:
+                folder = output_dir / f"checkpoint-{loop.step}" if saved_now else save()
+                raise Stopped(
+                    f"stopped by {signal_name(stop)} after step {loop.step} of {total_steps}; saved {folder}. "
+                    "Run the same command again to resume from it",
+                    exit_code(stop),
+                )
 
     final_dir = output_dir / "final"
     with advice_on_storage_errors(output_dir, config.save_total_limit):

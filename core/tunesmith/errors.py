@@ -35,3 +35,11 @@ class RewardError(TunesmithError):
     """A reward function raised or returned something other than one number (or None) per completion."""
 
     exit_code = 1
+
+
+class Stopped(TunesmithError):
+    """Training stopped because it was asked to (SIGTERM, Ctrl-C) after saving a checkpoint; not a failure of the run."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code

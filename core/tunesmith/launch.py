@@ -13,15 +13,21 @@ resolved options.
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping
 
-from tunesmith.errors import ConfigError, TrainingError
+from tunesmith.errors import ConfigError, Stopped, TrainingError
 from tunesmith.failure import FAILURE_FOLDER_VARIABLE, ProcessFailure, first_failure
+from tunesmith.preemption import STOP_SIGNALS, exit_code, signal_name
 
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+#: torch's elastic agent waits this long for workers it forwarded SIGTERM or SIGINT to, then kills them
+SHUTDOWN_TIMEOUT_VARIABLE = "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"
+#: how long tunesmith's launcher gives stopping workers to finish their step and save a checkpoint
+WORKER_STOP_SECONDS = 600
 
 
 @dataclass(frozen=True)
@@ -78,8 +84,11 @@ def launch_processes(command: str, config, options: LaunchOptions) -> None:
 
     Returns when every process has finished; a process that fails stops the others (the
     elastic agent's behaviour) and this raises :class:`~tunesmith.errors.TrainingError` with
-    the message of the process that failed first (:mod:`tunesmith.failure`).
+    the message of the process that failed first (:mod:`tunesmith.failure`). SIGTERM or Ctrl-C
+    reaches the workers through the agent; they save a checkpoint (:mod:`tunesmith.preemption`)
+    and this raises :class:`~tunesmith.errors.Stopped` with what they said.
     """
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
@@ -105,12 +114,41 @@ def launch_processes(command: str, config, options: LaunchOptions) -> None:
         failures = Path(folder) / "failures"
         failures.mkdir()
         os.environ[FAILURE_FOLDER_VARIABLE] = str(failures)
+        # The elastic agent turns SIGTERM and SIGINT into SignalException, forwards the signal to
+        # the workers (in sessions of their own, so a terminal's Ctrl-C reaches only the agent)
+        # and kills them after the shutdown timeout: long enough here for them to save a checkpoint.
+        os.environ.setdefault(SHUTDOWN_TIMEOUT_VARIABLE, str(WORKER_STOP_SECONDS))
+        handlers = {number: signal.getsignal(number) for number in STOP_SIGNALS}
         try:
             run(parse_args(arguments))
         except ChildFailedError as failed:
-            raise _job_failure(failed, first_failure(failures)) from None
+            first = first_failure(failures)
+            codes = {failure.exitcode for failure in failed.failures.values()}
+            if first is not None and codes == {first.exit_code} and _stopped_by_signal(first):
+                raise Stopped(first.message, first.exit_code) from None  # the workers were sent the signal, not the launcher
+            raise _job_failure(failed, first) from None
+        except SignalException as stopped:
+            raise _job_stopped(stopped.sigval, first_failure(failures), config.output_dir) from None
         finally:
             del os.environ[FAILURE_FOLDER_VARIABLE]
+            for number, handler in handlers.items():  # the agent leaves its own installed
+                if handler is not None:
+                    signal.signal(number, handler)
+
+
+def _stopped_by_signal(failure: ProcessFailure) -> bool:
+    return failure.exit_code in {exit_code(number) for number in STOP_SIGNALS}
+
+
+def _job_stopped(number: int, first: ProcessFailure | None, output_dir: str) -> Stopped:
+    """What the workers said when they stopped on the signal the launcher forwarded to them."""
+    if first is not None and _stopped_by_signal(first):
+        return Stopped(first.message, first.exit_code)
+    return Stopped(
+        f"stopped by {signal_name(number)} before the processes could save a checkpoint; the newest complete checkpoint "
+        f"in {output_dir}, if any, is intact, and the same command run again resumes from it",
+        exit_code(number),
+    )
 
 
 def _job_failure(failed, first: ProcessFailure | None) -> TrainingError:
