@@ -11,6 +11,9 @@ import pytest
 os.environ["TUNESMITH_PLUGINS"] = ""
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Drawing OUTPUT/curves.png costs each of the suite's hundreds of runs a few tenths of a second;
+# the tests of the curves turn it back on.
+os.environ["TUNESMITH_CURVES"] = "0"
 
 
 @pytest.fixture(scope="session")

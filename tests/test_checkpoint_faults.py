@@ -12,7 +12,7 @@ from tests.helpers import chat_rows, write_jsonl  # noqa: E402
 from tunesmith.testing import CheckpointFaults  # noqa: E402
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")  # one command for every test, so the suite runs its uninterrupted reference once
 def tunesmith_fault_command(tiny_model_dir, tmp_path_factory):
     data = write_jsonl(tmp_path_factory.mktemp("data") / "train.jsonl", chat_rows(8))
     return ["sft", "--model", tiny_model_dir, "--dataset", data, "--batch-size", "2", "--precision", "fp32",

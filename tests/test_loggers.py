@@ -24,7 +24,8 @@ def train_args(tiny_model_dir, tmp_path, output_dir, *extra):
     ]
 
 
-def test_report_to_tensorboard_writes_the_scalars_of_metrics_jsonl_and_curves_png(tiny_model_dir, tmp_path):
+def test_report_to_tensorboard_writes_the_scalars_of_metrics_jsonl_and_curves_png(tiny_model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNESMITH_CURVES", "1")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     output = tmp_path / "run"
@@ -201,6 +202,7 @@ def test_report_to_mlflow_keeps_the_run_in_a_local_store_under_the_output_folder
 def test_without_matplotlib_a_run_says_once_how_to_get_curves_and_plot_refuses(tmp_path, monkeypatch, capsys):
     from tunesmith import curves
 
+    monkeypatch.setenv("TUNESMITH_CURVES", "1")
     monkeypatch.setattr(curves, "matplotlib_installed", lambda: False)
     monkeypatch.setattr(curves, "_said_missing", False)
     run_dir = write_metrics(tmp_path / "run", [{"step": 1, "loss": 1.0}])

@@ -96,7 +96,7 @@ ENGINES = {
     ("engine", "adapter", "launcher"),
     [
         ("ddp", "lora", TORCHRUN), ("ddp", "full", TUNESMITH), ("fsdp-offload", "lora", TUNESMITH), ("fsdp", "full", TORCHRUN),
-        ("zero2", "lora", TUNESMITH), ("zero2-offload", "full", DEEPSPEED), ("zero3", "lora", TORCHRUN), ("zero3", "full", TUNESMITH),
+        ("zero2-offload", "full", DEEPSPEED), ("zero3", "lora", TORCHRUN), ("zero3", "full", TUNESMITH),
     ],
     ids=lambda value: {id(TORCHRUN): "torchrun", id(TUNESMITH): "nproc", id(DEEPSPEED): "deepspeed-launcher"}.get(id(value), value),
 )

@@ -102,12 +102,13 @@ def test_ctrl_c_finishes_the_step_then_saves_and_exits_130(tiny_model_dir, tmp_p
     data = write_jsonl(tmp_path / "train.jsonl", chat_rows(8))
     output = tmp_path / "run"
     ctrl_c_at_step(monkeypatch, 3)
+    before = signal.getsignal(signal.SIGINT)
     assert run_cli(*command(tiny_model_dir, data, output, 8, save_steps=2)) == 130
     err = capsys.readouterr().err
     assert f"stopped by Ctrl-C (SIGINT) after step 3 of 8; saved {output / 'checkpoint-3'}" in err
     assert [step for step, _ in list_checkpoints(output)] == [2, 3]
     assert_complete_checkpoint(output / "checkpoint-3")
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the loop's handlers are gone
+    assert signal.getsignal(signal.SIGINT) is before  # the loop's handlers are gone
 
 
 def test_a_second_ctrl_c_while_saving_stops_at_once_leaving_the_previous_checkpoint(tiny_model_dir, tmp_path, monkeypatch, capsys):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import os
 from pathlib import Path
 
 import click
@@ -113,8 +114,11 @@ def draw_curves(run_dirs: list[Path], output: Path) -> Path:
 
 
 def write_run_curves(output_dir: Path) -> None:
-    """``OUTPUT/curves.png`` at the end of a run; without matplotlib, say once how to get it."""
+    """``OUTPUT/curves.png`` at the end of a run, unless ``TUNESMITH_CURVES=0``; without
+    matplotlib, say once how to get it."""
     global _said_missing
+    if os.environ.get("TUNESMITH_CURVES", "1") == "0":
+        return
     if not matplotlib_installed():
         if not _said_missing:
             _said_missing = True
