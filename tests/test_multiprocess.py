@@ -95,7 +95,7 @@ ENGINES = {
 @pytest.mark.parametrize(
     ("engine", "adapter", "launcher"),
     [
-        ("ddp", "lora", TORCHRUN), ("ddp", "full", TUNESMITH), ("fsdp-offload", "lora", TUNESMITH), ("fsdp", "full", TORCHRUN),
+        ("ddp", "lora", TORCHRUN), ("fsdp-offload", "lora", TUNESMITH), ("fsdp", "full", TORCHRUN),
         ("zero2-offload", "full", DEEPSPEED), ("zero3", "lora", TORCHRUN), ("zero3", "full", TUNESMITH),
     ],
     ids=lambda value: {id(TORCHRUN): "torchrun", id(TUNESMITH): "nproc", id(DEEPSPEED): "deepspeed-launcher"}.get(id(value), value),

@@ -32,8 +32,7 @@ from typing import Any
 
 import torch
 
-from tunesmith import Device
-from tunesmith.errors import ConfigError
+from tunesmith import ConfigError, Device
 
 #: the oldest architecture (Ampere) computing bf16 natively and running flash-attention 2
 AMPERE = (8, 0)
