@@ -115,7 +115,7 @@ def add_logps(trainer, policy, rollouts, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     batch = trainer.collate([[r] for r in rollouts])
     with torch.no_grad():
-        logps, _ = trainer.token_logps(policy, batch)
+        logps = trainer.token_logps(policy, batch).logps
     values = logps.tolist()
     for rollout in rollouts:
         count = len(rollout.completion_ids)

@@ -47,6 +47,8 @@ _LAZY = {
     "tokenize_text": "tunesmith.data.tokenize",
     "tokenize_prompt_and_responses": "tunesmith.data.tokenize",
     "sequence_logps": "tunesmith.losses",
+    "target_logps": "tunesmith.losses",
+    "TargetLogps": "tunesmith.losses",
     "sequence_scores": "tunesmith.models",
     "collate_causal": "tunesmith.data.collate",
     "causal_lm_loss": "tunesmith.losses",
@@ -91,7 +93,7 @@ if TYPE_CHECKING:
     from tunesmith.generation import Completion, GenerationOptions, every_process_finished, generate_batch
     from tunesmith.generation_backend import GenerationBackend, create_generation_backend
     from tunesmith.loggers import MetricsLogger
-    from tunesmith.losses import causal_lm_loss, sequence_logps
+    from tunesmith.losses import TargetLogps, causal_lm_loss, sequence_logps, target_logps
     from tunesmith.metrics import MetricsLog
     from tunesmith.models import sequence_scores
     from tunesmith.plugins import create_plugin_manager
@@ -152,6 +154,7 @@ __all__ = [
     "StepPlan",
     "StepSource",
     "Stopped",
+    "TargetLogps",
     "Strategy",
     "StrategySpec",
     "Trainer",
@@ -176,5 +179,6 @@ __all__ = [
     "tokenize_prompt_and_responses",
     "tokenize_text",
     "sequence_logps",
+    "target_logps",
     "sequence_scores",
 ]

@@ -1,28 +1,69 @@
-"""The causal language-modelling loss: cross-entropy of each target token, summed.
+"""Log-probabilities of target tokens, and the causal language-modelling loss built on them.
 
 The batch comes from :func:`tunesmith.data.collate.collate_causal`: ``targets`` are already
 shifted per sample, and ``position_ids`` without an attention mask keep packed samples apart.
 The summed loss is normalised by the engine over every target token of an optimizer step.
+
+The full-vocabulary logits of a batch are never materialised. While the model runs (called
+through its top-level module, so that peft, DDP, FSDP and ZeRO wrappers see the call), its
+output head is asked for the target positions only, a chunk of tokens at a time: each chunk's
+logits exist in the compute dtype (and one fp32 copy for the log-softmax) only while that
+chunk is scored, and in backward they are recomputed chunk by chunk
+(:func:`torch.utils.checkpoint.checkpoint`). Peak memory for the loss is then one chunk's
+logits, not batch x sequence x vocabulary. A model that changes its logits after the head
+(Gemma 2's soft-capping, Cohere's logit scale) is detected and scored the plain way.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from tunesmith.data.types import IGNORE_INDEX
+
+#: logits entries (tokens x vocabulary) scored at once: 32M, 128 MiB in fp32
+CHUNK_ELEMENTS = 1 << 25
+
+
+@dataclass
+class TargetLogps:
+    """What :func:`target_logps` returns, one entry per target token in ``targets != IGNORE_INDEX`` order."""
+
+    logps: torch.Tensor
+    #: each position's entropy of the (tempered) next-token distribution, without gradient; None unless asked for
+    entropy: torch.Tensor | None = None
+
+
+def target_logps(model: torch.nn.Module, batch: dict[str, Any], temperature: float = 1.0, entropy: bool = False) -> TargetLogps:
+    """Log-probability of every target token under ``softmax(logits / temperature)``, in fp32, (T,)."""
+    targets = batch["targets"]
+    trained = targets != IGNORE_INDEX
+    head = _output_head(model)
+    chunked = getattr(head, "_tunesmith_chunked", None)
+    if head is not None and chunked is not False:
+        scorer = _ChunkedScorer(trained, targets[trained], temperature, entropy, _vocab_size(model))
+        with _scoring_head(head, scorer):
+            logps = _forward(model, batch).logits
+        if chunked is None:
+            # Once per model: does it hand the head's output back unchanged? One that changes it
+            # (soft-capping, a logit scale) had its chunks scored on the wrong logits, and is
+            # scored the plain way from now on.
+            chunked = head._tunesmith_chunked = logps.shape == scorer.result.shape and torch.allclose(logps, scorer.result, rtol=0, atol=0, equal_nan=True)
+        if chunked:
+            return TargetLogps(logps, scorer.entropy)
+    logits = _at_least_fp32(_forward(model, batch).logits[trained]) / temperature
+    logps = -F.cross_entropy(logits, targets[trained], reduction="none")
+    return TargetLogps(logps, _entropy(logits) if entropy else None)
 
 
 def causal_lm_loss(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     """Cross-entropy in fp32 summed over the batch's target tokens."""
-    logits = _logits(model, batch)
-    targets = batch["targets"]
-    trained = targets != IGNORE_INDEX
-    # Upcasting only the trained positions keeps the fp32 copy of the (large) vocabulary
-    # dimension to the tokens that count, rather than every position of the batch.
-    return F.cross_entropy(logits[trained].float(), targets[trained], reduction="sum")
+    return -target_logps(model, batch).logps.sum()
 
 
 def sequence_logps(model: torch.nn.Module, batch: dict[str, Any], num_sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -31,11 +72,8 @@ def sequence_logps(model: torch.nn.Module, batch: dict[str, Any], num_sequences:
     Samples are numbered by ``batch["sample_ids"]`` (:func:`tunesmith.data.collate.collate_causal`);
     only target positions count, so padding and untrained prompt tokens add nothing.
     """
-    logits = _logits(model, batch)
-    targets = batch["targets"]
-    trained = targets != IGNORE_INDEX
-    token_logps = -F.cross_entropy(logits[trained].float(), targets[trained], reduction="none")
-    owners = batch["sample_ids"][trained]
+    token_logps = target_logps(model, batch).logps
+    owners = batch["sample_ids"][batch["targets"] != IGNORE_INDEX].to(token_logps.device)
     logps = torch.zeros(num_sequences, dtype=token_logps.dtype, device=token_logps.device).index_add(0, owners, token_logps)
     counts = torch.zeros(num_sequences, dtype=torch.long, device=owners.device).index_add(0, owners, torch.ones_like(owners))
     return logps, counts
@@ -43,13 +81,90 @@ def sequence_logps(model: torch.nn.Module, batch: dict[str, Any], num_sequences:
 
 def per_token_losses(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
     """The fp32 cross-entropy of every position, (B, L); 0 where there is no target."""
-    logits = _logits(model, batch)
     targets = batch["targets"]
-    losses = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
-    return losses.view(targets.shape)
+    token_logps = target_logps(model, batch).logps
+    losses = torch.zeros(targets.shape, dtype=token_logps.dtype, device=token_logps.device)
+    return losses.masked_scatter(targets.to(losses.device) != IGNORE_INDEX, -token_logps)
 
 
-def _logits(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
+class _ChunkedScorer:
+    """Stands in for the head's forward: scores the target positions of its input, chunk by chunk."""
+
+    def __init__(self, trained: torch.Tensor, targets: torch.Tensor, temperature: float, entropy: bool, vocab_size: int):
+        self.trained, self.targets = trained, targets
+        self.temperature, self.want_entropy = temperature, entropy
+        self.chunk_tokens = max(1, CHUNK_ELEMENTS // vocab_size)
+        self.result: torch.Tensor | None = None
+        self.entropy: torch.Tensor | None = None
+
+    def __call__(self, head_forward: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
+        hidden = hidden[self.trained.to(hidden.device)]
+        targets = self.targets.to(hidden.device)
+        recompute = torch.is_grad_enabled() and hidden.requires_grad
+        logps, entropies = [], []
+        # At least one chunk, also of no tokens, so the head's weights always take part in the
+        # graph (DDP expects a gradient, even a zero one, for every parameter).
+        for start in range(0, max(len(hidden), 1), self.chunk_tokens):
+            piece = (head_forward, hidden[start : start + self.chunk_tokens], targets[start : start + self.chunk_tokens])
+            if recompute:
+                chunk_logps, chunk_entropy = checkpoint(self._score, *piece, use_reentrant=False)
+            else:
+                chunk_logps, chunk_entropy = self._score(*piece)
+            logps.append(chunk_logps)
+            entropies.append(chunk_entropy)
+        self.result = torch.cat(logps)
+        self.entropy = torch.cat(entropies) if self.want_entropy else None
+        return self.result
+
+    def _score(self, head_forward, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logits = _at_least_fp32(head_forward(hidden)) / self.temperature
+        logps = -F.cross_entropy(logits, targets, reduction="none")
+        return logps, _entropy(logits) if self.want_entropy else None
+
+
+def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
+    """The compute dtype's logits in fp32 for the log-softmax (fp64 ones stay fp64)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
+def _entropy(logits: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        log_probs = torch.log_softmax(logits, dim=-1)
+        return -(log_probs.exp() * log_probs).sum(dim=-1)
+
+
+@contextmanager
+def _scoring_head(head: torch.nn.Module, scorer: _ChunkedScorer) -> Iterator[None]:
+    """Route the head's forward through ``scorer`` (its hooks, e.g. FSDP's or ZeRO-3's gathering, still run)."""
+    own_forward = "forward" in vars(head)
+    original = head.forward
+    head.forward = lambda hidden: scorer(original, hidden)
+    try:
+        yield
+    finally:
+        if own_forward:
+            head.forward = original
+        else:
+            del head.forward
+
+
+def _forward(model: torch.nn.Module, batch: dict[str, Any]):
     # Through the top-level module, never its parts, so that peft and DDP/FSDP wrappers see the call.
-    output = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
-    return output.logits
+    return model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+
+
+def _unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DDP's or DeepSpeed's wrapper (both keep it as ``.module``)."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model
+
+
+def _output_head(model: torch.nn.Module) -> torch.nn.Module | None:
+    getter = getattr(_unwrapped(model), "get_output_embeddings", None)
+    return getter() if getter is not None else None
+
+
+def _vocab_size(model: torch.nn.Module) -> int:
+    config = _unwrapped(model).config
+    return config.get_text_config().vocab_size

@@ -40,7 +40,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from tunesmith import (
     IGNORE_INDEX,
@@ -49,9 +48,11 @@ from tunesmith import (
     Example,
     LossOutput,
     Sample,
+    TargetLogps,
     Trainer,
     collate_causal,
     load_rewards,
+    target_logps,
     tokenize_prompt_and_responses,
 )
 
@@ -196,18 +197,14 @@ class GRPOTrainer(Trainer):
         return int(batch["num_items"])
 
     # -- the loss ------------------------------------------------------------------------------
-    def token_logps(self, model, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The completion tokens' log-probabilities at the sampling temperature, (T,) in target
-        order, and the fp32 logits they come from, (T, vocab)."""
-        output = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
-        targets = batch["targets"]
-        trained = targets != IGNORE_INDEX
-        logits = output.logits[trained].float() / self.options["temperature"]
-        return -F.cross_entropy(logits, targets[trained], reduction="none"), logits
+    def token_logps(self, model, batch: dict[str, Any], entropy: bool = False) -> TargetLogps:
+        """The completion tokens' log-probabilities at the sampling temperature, (T,) in target order."""
+        return target_logps(model, batch, temperature=self.options["temperature"], entropy=entropy)
 
     def compute_loss(self, model, batch: dict[str, Any]) -> LossOutput:
         options = self.options
-        logps, logits = self.token_logps(model, batch)
+        scored = self.token_logps(model, batch, entropy=True)
+        logps = scored.logps
         trained = batch["targets"] != IGNORE_INDEX
         owners = batch["sample_ids"][trained]
         device = logps.device
@@ -222,9 +219,7 @@ class GRPOTrainer(Trainer):
                 kl = kl * torch.exp(logps - old)
             losses = losses + options["beta"] * kl
             metrics_per_token["kl"] = kl.detach()
-        with torch.no_grad():
-            log_probs = torch.log_softmax(logits.detach(), dim=-1)
-            metrics_per_token["entropy"] = -(log_probs.exp() * log_probs).sum(dim=-1)
+        metrics_per_token["entropy"] = scored.entropy
 
         count = batch["num_completions"]
         loss = self.aggregate(losses, owners, count, for_loss=True)

@@ -197,10 +197,10 @@ class RolloutSteps(StepSource):
             for key, reference in wanted:
                 with torch.no_grad(), self.strategy.autocast():
                     if reference is None:
-                        logps, _ = trainer.token_logps(model, batch)
+                        logps = trainer.token_logps(model, batch).logps
                     else:
                         with reference(model) as scorer:
-                            logps, _ = trainer.token_logps(scorer, batch)
+                            logps = trainer.token_logps(scorer, batch).logps
                 values = logps.float().cpu().tolist()
                 for rollout in chunk:
                     count = len(rollout.completion_ids)
