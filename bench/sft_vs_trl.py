@@ -1,0 +1,95 @@
+"""LoRA SFT: ``tunesmith sft`` next to TRL's ``SFTTrainer``, same model, data and settings.
+
+Both train one epoch of a LoRA adapter (rank 8, alpha 16, dropout 0.05, every linear layer) with
+batch 4 and maximum length 512 on the same generated chats (``harness.chats``: log-normal reply
+lengths, so most rows are short and some exceed 512 tokens), learning rate 1e-4 on a cosine
+schedule without warm-up, seed 42; weight decay 0 and gradient clipping at 1.0 are both tools'
+defaults. Each saves its adapter at the end and nothing before (30 steps are fewer than either's
+checkpoint interval). Printed: real tokens per second (see ``harness``), whole-process wall
+time, peak memory, and the ratios. The rest depends on ``--settings``:
+
+``defaults`` - each tool as a user gets it, given only the above. tunesmith: bf16 where the CPU
+    computes it natively (``--precision auto``), no gradient checkpointing, no packing, each
+    batch padded to its longest row. TRL 1.16's ``SFTConfig``: ``bf16=True`` (its default
+    whenever fp16 is off, also on CPU), ``gradient_checkpointing=True``, ``packing=False``,
+    ``padding_free=False``, each batch padded to its longest row; loss on every token (tunesmith:
+    on the assistant's), logged every 10 steps (tunesmith: every step).
+``best`` - each tool's fastest settings here. tunesmith: ``--packing`` (rows of 512 tokens,
+    attention kept within each sample), the only speed option ``tunesmith sft --help`` offers on
+    CPU (``--liger`` is CUDA's). TRL: ``gradient_checkpointing=False`` and ``packing=True``
+    (its default ``bfd`` strategy, which turns on padding-free batches); see ``TRL_BEST`` for why.
+
+Run from the repository root with the repository installed (``make install``):
+
+    .venv/bin/python bench/sft_vs_trl.py --settings defaults
+    .venv/bin/python bench/sft_vs_trl.py --settings best --repeat 3 --json bench/results/sft_best.json
+    .venv/bin/python bench/sft_vs_trl.py --quick     # a tiny model for a step or two: checks it runs
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from transformers import AutoTokenizer
+
+import harness
+
+#: shared by both tools; LoRA alpha/dropout, learning rate and scheduler are tunesmith's defaults, set explicitly in TRL
+SETTINGS = {"batch_size": 4, "max_length": 512, "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.05,
+            "learning_rate": 1e-4, "lr_scheduler": "cosine", "warmup_steps": 0, "seed": 42, "epochs": 1}
+#: --quick: 8 rows of at most 64 tokens, two steps of batch 4 (one when packed)
+QUICK_ROWS, QUICK_MAX_LENGTH = 8, 64
+#: TRL's fastest settings on this hardware. Gradient checkpointing recomputes each layer's
+#: activations in the backward pass (about a fifth more compute); with 512-token rows of a 135M
+#: model the memory it saves is not needed. Packing removes the padding of rows of unequal
+#: length: the bfd strategy puts whole samples into 512-token rows and makes the batch
+#: padding-free (position ids restart at each sample).
+TRL_BEST = ["--gradient-checkpointing", "off", "--packing"]
+COUNTED = "each chat rendered by the model's chat template and tokenized, capped at the maximum length; no padding"
+
+
+def main() -> None:
+    parser = harness.argument_parser(__doc__.split("\n\n")[0], rows=120)
+    parser.add_argument("--settings", choices=["defaults", "best"], default="defaults")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-sft-", dir=args.dir) as work_dir:
+        work_dir = Path(work_dir)
+        model = harness.prepare(args, work_dir, QUICK_ROWS)
+        settings = dict(SETTINGS, max_length=QUICK_MAX_LENGTH) if args.quick else SETTINGS
+        rows = harness.chats(args.rows)
+        dataset = harness.write_jsonl(work_dir / "chats.jsonl", rows)
+        comparison = harness.Comparison(
+            title=f"LoRA SFT, {args.settings} settings",
+            commands={"tunesmith": tunesmith_command(model, dataset, settings, args.settings),
+                      "trl": trl_command(model, dataset, settings, args.settings)},
+            units={"tokens": harness.sft_tokens(AutoTokenizer.from_pretrained(model), rows, settings["max_length"])},
+            how_counted=COUNTED,
+            settings={**settings, "settings": args.settings, "rows": args.rows, "model": str(model)},
+        )
+        harness.benchmark(comparison, args, work_dir)
+
+
+def tunesmith_command(model: Path, dataset: Path, settings: dict, which: str) -> list[str]:
+    """Only what the comparison fixes; the rest are tunesmith's defaults (they equal SETTINGS)."""
+    command = [
+        "-m", "tunesmith", "sft", "--model", str(model), "--dataset", str(dataset), "--output-dir", "{out}",
+        "--max-length", str(settings["max_length"]), "--batch-size", str(settings["batch_size"]),
+        "--epochs", str(settings["epochs"]), "--lora-rank", str(settings["lora_rank"]),
+    ]
+    return command + (["--packing"] if which == "best" else [])
+
+
+def trl_command(model: Path, dataset: Path, settings: dict, which: str) -> list[str]:
+    command = [
+        str(harness.BENCH_DIR / "trl_run.py"), "sft", "--model", str(model), "--dataset", str(dataset), "--output-dir", "{out}",
+        "--max-length", str(settings["max_length"]), "--batch-size", str(settings["batch_size"]),
+        "--learning-rate", str(settings["learning_rate"]), "--lr-scheduler", settings["lr_scheduler"],
+        "--seed", str(settings["seed"]), "--lora-rank", str(settings["lora_rank"]),
+        "--lora-alpha", str(settings["lora_alpha"]), "--lora-dropout", str(settings["lora_dropout"]),
+    ]
+    return command + (TRL_BEST if which == "best" else [])
+
+
+if __name__ == "__main__":
+    main()
