@@ -222,6 +222,22 @@ def alternate(comparison: Comparison, repeat: int, work_dir: Path) -> list[Run]:
     return runs
 
 
+#: what every comparison sets equal in both tools: tunesmith's defaults, given to TRL explicitly
+#: (weight decay 0, gradient clipping at 1.0 and no warm-up are both tools' defaults)
+TRAINING = {"lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.05, "learning_rate": 1e-4, "lr_scheduler": "cosine", "seed": 42}
+
+
+def trl_command(trainer: str, model: Path, dataset: Path, settings: dict) -> list[str]:
+    """``trl_run.py TRAINER`` with the model, data, batch, length and :data:`TRAINING` of ``settings``."""
+    return [
+        str(BENCH_DIR / "trl_run.py"), trainer, "--model", str(model), "--dataset", str(dataset), "--output-dir", "{out}",
+        "--max-length", str(settings["max_length"]), "--batch-size", str(settings["batch_size"]),
+        "--learning-rate", str(settings["learning_rate"]), "--lr-scheduler", settings["lr_scheduler"],
+        "--seed", str(settings["seed"]), "--lora-rank", str(settings["lora_rank"]),
+        "--lora-alpha", str(settings["lora_alpha"]), "--lora-dropout", str(settings["lora_dropout"]),
+    ]
+
+
 # -- reporting -----------------------------------------------------------------------------------------------------
 
 

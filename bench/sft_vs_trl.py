@@ -35,9 +35,7 @@ from transformers import AutoTokenizer
 
 import harness
 
-#: shared by both tools; LoRA alpha/dropout, learning rate and scheduler are tunesmith's defaults, set explicitly in TRL
-SETTINGS = {"batch_size": 4, "max_length": 512, "lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.05,
-            "learning_rate": 1e-4, "lr_scheduler": "cosine", "warmup_steps": 0, "seed": 42, "epochs": 1}
+SETTINGS = {"batch_size": 4, "max_length": 512, "epochs": 1, **harness.TRAINING}
 #: --quick: 8 rows of at most 64 tokens, two steps of batch 4 (one when packed)
 QUICK_ROWS, QUICK_MAX_LENGTH = 8, 64
 #: TRL's fastest settings on this hardware. Gradient checkpointing recomputes each layer's
@@ -81,14 +79,7 @@ def tunesmith_command(model: Path, dataset: Path, settings: dict, which: str) ->
 
 
 def trl_command(model: Path, dataset: Path, settings: dict, which: str) -> list[str]:
-    command = [
-        str(harness.BENCH_DIR / "trl_run.py"), "sft", "--model", str(model), "--dataset", str(dataset), "--output-dir", "{out}",
-        "--max-length", str(settings["max_length"]), "--batch-size", str(settings["batch_size"]),
-        "--learning-rate", str(settings["learning_rate"]), "--lr-scheduler", settings["lr_scheduler"],
-        "--seed", str(settings["seed"]), "--lora-rank", str(settings["lora_rank"]),
-        "--lora-alpha", str(settings["lora_alpha"]), "--lora-dropout", str(settings["lora_dropout"]),
-    ]
-    return command + (TRL_BEST if which == "best" else [])
+    return harness.trl_command("sft", model, dataset, settings) + (TRL_BEST if which == "best" else [])
 
 
 if __name__ == "__main__":
