@@ -228,10 +228,11 @@ TRAINING = {"lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.05, "learning_ra
 
 
 def trl_command(trainer: str, model: Path, dataset: Path, settings: dict) -> list[str]:
-    """``trl_run.py TRAINER`` with the model, data, batch, length and :data:`TRAINING` of ``settings``."""
+    """``trl_run.py TRAINER`` with the model, data, batch, length (if any) and :data:`TRAINING` of ``settings``."""
+    length = ["--max-length", str(settings["max_length"])] if "max_length" in settings else []
     return [
         str(BENCH_DIR / "trl_run.py"), trainer, "--model", str(model), "--dataset", str(dataset), "--output-dir", "{out}",
-        "--max-length", str(settings["max_length"]), "--batch-size", str(settings["batch_size"]),
+        *length, "--batch-size", str(settings["batch_size"]),
         "--learning-rate", str(settings["learning_rate"]), "--lr-scheduler", settings["lr_scheduler"],
         "--seed", str(settings["seed"]), "--lora-rank", str(settings["lora_rank"]),
         "--lora-alpha", str(settings["lora_alpha"]), "--lora-dropout", str(settings["lora_dropout"]),

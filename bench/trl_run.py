@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("--model", required=True)
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--max-length", type=int, required=True, help="per sequence (DPO: prompt + one response)")
+    parser.add_argument("--max-length", type=int, help="sft, dpo: per sequence (DPO: prompt + one response)")
     parser.add_argument("--batch-size", type=int, required=True)
     parser.add_argument("--max-steps", type=int, default=-1, help="-1: one epoch")
     parser.add_argument("--learning-rate", type=float, required=True)
