@@ -38,9 +38,10 @@ COUNTED = ("pairs: rows of the data; tokens: prompt + chosen and prompt + reject
            "template and tokenized, capped at the maximum length per sequence; no padding")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """Run the comparison for the command line ``argv`` (default: this process's); the result."""
     parser = harness.argument_parser(__doc__.split("\n\n")[0], rows=60)
-    args = parser.parse_args()
+    args = harness.parse(parser, argv, __file__)
     with tempfile.TemporaryDirectory(prefix="bench-dpo-", dir=args.dir) as work_dir:
         work_dir = Path(work_dir)
         model = harness.prepare(args, work_dir, QUICK_ROWS)
@@ -57,7 +58,7 @@ def main() -> None:
             how_counted=COUNTED,
             settings={**settings, "rows": args.rows, "model": str(model)},
         )
-        harness.benchmark(comparison, args, work_dir)
+        return harness.benchmark(comparison, args, work_dir)
 
 
 def tunesmith_command(model: Path, dataset: Path, settings: dict) -> list[str]:

@@ -36,10 +36,11 @@ QUICK_ROWS, QUICK_STEPS = 4, 2
 REWARD = "length_reward:length_reward"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """Run the comparison for the command line ``argv`` (default: this process's); the result."""
     parser = harness.argument_parser(__doc__.split("\n\n")[0], rows=16)
     parser.add_argument("--steps", type=int, default=8, help="optimizer steps of each run [default: %(default)s]")
-    args = parser.parse_args()
+    args = harness.parse(parser, argv, __file__)
     with tempfile.TemporaryDirectory(prefix="bench-grpo-", dir=args.dir) as work_dir:
         work_dir = Path(work_dir)
         model = harness.prepare(args, work_dir, QUICK_ROWS)
@@ -58,7 +59,7 @@ def main() -> None:
             how_counted="completions: optimizer steps x batch size (num_generations completions of each prompt)",
             settings={**settings, "steps": steps, "rows": args.rows, "reward": REWARD, "model": str(model)},
         )
-        harness.benchmark(comparison, args, work_dir)
+        return harness.benchmark(comparison, args, work_dir)
 
 
 def tunesmith_command(model: Path, dataset: Path, settings: dict) -> list[str]:

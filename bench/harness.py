@@ -242,7 +242,7 @@ def trl_command(trainer: str, model: Path, dataset: Path, settings: dict) -> lis
 # -- reporting -----------------------------------------------------------------------------------------------------
 
 
-def summary(comparison: Comparison, runs: list[Run]) -> dict:
+def summary(comparison: Comparison, runs: list[Run], invocation: str) -> dict:
     """Medians per tool and the ratios, as the JSON output holds them."""
     tools = {}
     for tool in TOOLS:
@@ -262,7 +262,7 @@ def summary(comparison: Comparison, runs: list[Run]) -> dict:
     both_devices = ours["median_peak_device_mib"] is not None and theirs["median_peak_device_mib"]
     ratios["peak_device"] = ours["median_peak_device_mib"] / theirs["median_peak_device_mib"] if both_devices else None
     return {
-        "comparison": comparison.title, "command": shlex.join([Path(sys.executable).name] + sys.argv),
+        "comparison": comparison.title, "command": invocation,
         "machine": machine(), "units": comparison.units, "how_counted": comparison.how_counted,
         "settings": comparison.settings, "tools": tools, "ratios": ratios, "runs": [asdict(run) for run in runs],
     }
@@ -327,6 +327,15 @@ def argument_parser(description: str, rows: int) -> argparse.ArgumentParser:
     return parser
 
 
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None, script: str) -> argparse.Namespace:
+    """``argv`` (default: this process's arguments) parsed, with ``invocation``: the command
+    that runs ``script`` with them from the repository root."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    args.invocation = shlex.join(["python", f"bench/{Path(script).name}", *argv])
+    return args
+
+
 def prepare(args: argparse.Namespace, work_dir: Path, quick_rows: int) -> Path:
     """Apply ``--quick``'s sizes to ``args``; the model folder both tools load."""
     if args.quick:
@@ -339,7 +348,7 @@ def prepare(args: argparse.Namespace, work_dir: Path, quick_rows: int) -> Path:
 def benchmark(comparison: Comparison, args: argparse.Namespace, work_dir: Path) -> dict:
     """Run the comparison, print its table, write ``--json``; the result."""
     print(f"{comparison.title}: {args.repeat} round(s), tunesmith and TRL alternating", flush=True)
-    result = summary(comparison, alternate(comparison, args.repeat, work_dir))
+    result = summary(comparison, alternate(comparison, args.repeat, work_dir), args.invocation)
     print_table(result)
     if args.json is not None:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -47,10 +47,11 @@ TRL_BEST = ["--gradient-checkpointing", "off", "--packing"]
 COUNTED = "each chat rendered by the model's chat template and tokenized, capped at the maximum length; no padding"
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
+    """Run the comparison for the command line ``argv`` (default: this process's); the result."""
     parser = harness.argument_parser(__doc__.split("\n\n")[0], rows=120)
     parser.add_argument("--settings", choices=["defaults", "best"], default="defaults")
-    args = parser.parse_args()
+    args = harness.parse(parser, argv, __file__)
     with tempfile.TemporaryDirectory(prefix="bench-sft-", dir=args.dir) as work_dir:
         work_dir = Path(work_dir)
         model = harness.prepare(args, work_dir, QUICK_ROWS)
@@ -65,7 +66,7 @@ def main() -> None:
             how_counted=COUNTED,
             settings={**settings, "settings": args.settings, "rows": args.rows, "model": str(model)},
         )
-        harness.benchmark(comparison, args, work_dir)
+        return harness.benchmark(comparison, args, work_dir)
 
 
 def tunesmith_command(model: Path, dataset: Path, settings: dict, which: str) -> list[str]:
