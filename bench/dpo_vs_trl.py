@@ -19,7 +19,7 @@ TRL also sets every dropout to 0 (``disable_dropout=True``, its default), LoRA's
 
     .venv/bin/python bench/dpo_vs_trl.py
     .venv/bin/python bench/dpo_vs_trl.py --rows 120 --repeat 3 --json bench/results/dpo.json
-    .venv/bin/python bench/dpo_vs_trl.py --quick     # a tiny model for a step or two: checks it runs
+    .venv/bin/python bench/dpo_vs_trl.py --quick     # one step of a tiny model: checks the script runs
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from transformers import AutoTokenizer
 import harness
 
 SETTINGS = {"batch_size": 4, "max_length": 512, "beta": 0.1, **harness.TRAINING}
-#: --quick: 8 pairs of at most 64 tokens a sequence, two steps
-QUICK_ROWS, QUICK_MAX_LENGTH = 8, 64
+#: --quick: 4 pairs of at most 64 tokens a sequence, one step
+QUICK_ROWS, QUICK_MAX_LENGTH = 4, 64
 COUNTED = ("pairs: rows of the data; tokens: prompt + chosen and prompt + rejected, each rendered by the model's chat "
            "template and tokenized, capped at the maximum length per sequence; no padding")
 

@@ -19,7 +19,7 @@ time, peak memory, ratios. A completion ends at the end-of-turn token or at
 
     .venv/bin/python bench/grpo_vs_trl.py
     .venv/bin/python bench/grpo_vs_trl.py --steps 16 --repeat 3 --json bench/results/grpo.json
-    .venv/bin/python bench/grpo_vs_trl.py --quick     # a tiny model for a step or two: checks it runs
+    .venv/bin/python bench/grpo_vs_trl.py --quick     # one step of a tiny model: checks the script runs
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from pathlib import Path
 import harness
 
 SETTINGS = {"batch_size": 8, "num_generations": 4, "max_completion_length": 64, "temperature": 1.0, "beta": 0.0, **harness.TRAINING}
-#: --quick: two steps of 2 prompts x 2 completions of at most 8 tokens
+#: --quick: one step of 2 prompts x 2 completions of at most 8 tokens
 QUICK = {"batch_size": 4, "num_generations": 2, "max_completion_length": 8}
-QUICK_ROWS, QUICK_STEPS = 4, 2
+QUICK_ROWS, QUICK_STEPS = 2, 1
 REWARD = "length_reward:length_reward"
 
 

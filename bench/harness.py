@@ -323,7 +323,7 @@ def argument_parser(description: str, rows: int) -> argparse.ArgumentParser:
     parser.add_argument("--repeat", type=int, default=3, help="runs of each tool, alternating [default: %(default)s]")
     parser.add_argument("--dir", type=Path, default=None, help="where the runs write (removed afterwards) [default: a temporary folder]")
     parser.add_argument("--json", type=Path, default=None, help="also write the result, with every run, to this JSON file")
-    parser.add_argument("--quick", action="store_true", help="a few steps of a tiny random model on a handful of rows, one run each: checks the script works, measures nothing")
+    parser.add_argument("--quick", action="store_true", help="one step of a tiny random model (unless --model) on a few rows, one run each: checks the script works, measures nothing")
     return parser
 
 

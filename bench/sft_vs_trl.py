@@ -23,7 +23,7 @@ Run from the repository root with the repository installed (``make install``):
 
     .venv/bin/python bench/sft_vs_trl.py --settings defaults
     .venv/bin/python bench/sft_vs_trl.py --settings best --repeat 3 --json bench/results/sft_best.json
-    .venv/bin/python bench/sft_vs_trl.py --quick     # a tiny model for a step or two: checks it runs
+    .venv/bin/python bench/sft_vs_trl.py --quick     # one step of a tiny model: checks the script runs
 """
 
 from __future__ import annotations
@@ -36,8 +36,8 @@ from transformers import AutoTokenizer
 import harness
 
 SETTINGS = {"batch_size": 4, "max_length": 512, "epochs": 1, **harness.TRAINING}
-#: --quick: 8 rows of at most 64 tokens, two steps of batch 4 (one when packed)
-QUICK_ROWS, QUICK_MAX_LENGTH = 8, 64
+#: --quick: 4 rows of at most 64 tokens, one step of batch 4
+QUICK_ROWS, QUICK_MAX_LENGTH = 4, 64
 #: TRL's fastest settings on this hardware. Gradient checkpointing recomputes each layer's
 #: activations in the backward pass (about a fifth more compute); with 512-token rows of a 135M
 #: model the memory it saves is not needed. Packing removes the padding of rows of unequal
