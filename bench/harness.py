@@ -77,8 +77,9 @@ def question(rng: random.Random) -> str:
 
 
 def reply(rng: random.Random, median_words: float) -> str:
-    """A reply whose length is log-normal around ``median_words`` words (sigma 0.9): about one in
-    ten of those around 120 words is longer than 512 tokens, most are far shorter."""
+    """A reply whose length is log-normal around ``median_words`` words (sigma 0.9). With SmolLM2's
+    tokenizer, 120 chats of replies around 120 words have a median of about 250 tokens; 18 are
+    under 128 tokens and 20 over 512 (the longest about 1,200)."""
     return text(rng, lognormal_count(rng, median_words, 0.9))
 
 
@@ -222,6 +223,8 @@ def alternate(comparison: Comparison, repeat: int, work_dir: Path) -> list[Run]:
     return runs
 
 
+# -- the tools' commands -------------------------------------------------------------------------------------------
+
 #: what every comparison sets equal in both tools: tunesmith's defaults, given to TRL explicitly
 #: (weight decay 0, gradient clipping at 1.0 and no warm-up are both tools' defaults)
 TRAINING = {"lora_rank": 8, "lora_alpha": 16, "lora_dropout": 0.05, "learning_rate": 1e-4, "lr_scheduler": "cosine", "seed": 42}
@@ -259,8 +262,8 @@ def summary(comparison: Comparison, runs: list[Run], invocation: str) -> dict:
     ours, theirs = tools["tunesmith"], tools["trl"]
     ratios = {f"{unit}_per_s": ours["per_s"][unit] / theirs["per_s"][unit] for unit in comparison.units}
     ratios["peak_rss"] = ours["median_peak_rss_mib"] / theirs["median_peak_rss_mib"]
-    both_devices = ours["median_peak_device_mib"] is not None and theirs["median_peak_device_mib"]
-    ratios["peak_device"] = ours["median_peak_device_mib"] / theirs["median_peak_device_mib"] if both_devices else None
+    devices = ours["median_peak_device_mib"], theirs["median_peak_device_mib"]
+    ratios["peak_device"] = devices[0] / devices[1] if None not in devices and devices[1] > 0 else None
     return {
         "comparison": comparison.title, "command": invocation,
         "machine": machine(), "units": comparison.units, "how_counted": comparison.how_counted,
@@ -285,13 +288,17 @@ def print_table(result: dict) -> None:
     for row in [header] + rows:
         print("  ".join(cell.rjust(width) if i else cell.ljust(width) for i, (cell, width) in enumerate(zip(row, widths))))
     print("work per run: " + ", ".join(f"{count} {unit}" for unit, count in result["units"].items()))
+    box = result["machine"]
+    print(f"machine: {box['cpu']}, {box['cores']} cores, {box['memory_gib']} GiB, accelerator {box['accelerator'] or 'none'}; "
+          f"torch {box['torch']}, transformers {box['transformers']}, trl {box['trl']}; load average after {box['load_average']}")
     print(f"counted: {result['how_counted']}")
     for tool, figures in result["tools"].items():
         print(f"{tool}: {figures['command']}")
 
 
 def machine() -> dict:
-    """What the figures were measured on."""
+    """What the figures were measured on; ``load_average`` (1, 5 and 15 minutes, taken after the
+    runs) shows whether something else was using the processors meanwhile."""
     import torch
     import transformers
     import trl
@@ -300,6 +307,7 @@ def machine() -> dict:
     memory_kib = next((int(line.split()[1]) for line in _read("/proc/meminfo").splitlines() if line.startswith("MemTotal")), 0)
     return {
         "cpu": cpu, "cores": len(os.sched_getaffinity(0)), "memory_gib": round(memory_kib / 1024**2, 1),
+        "load_average": [round(load, 2) for load in os.getloadavg()],
         "accelerator": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "os": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
         "transformers": transformers.__version__, "trl": trl.__version__,
