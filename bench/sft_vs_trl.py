@@ -11,7 +11,8 @@ time, peak memory, and the ratios. The rest depends on ``--settings``:
 ``defaults`` - each tool as a user gets it, given only the above. tunesmith: bf16 where the CPU
     computes it natively (``--precision auto``), no gradient checkpointing, no packing, each
     batch padded to its longest row. TRL 1.16's ``SFTConfig``: ``bf16=True`` (its default
-    whenever fp16 is off, also on CPU), ``gradient_checkpointing=True``, ``packing=False``,
+    whenever fp16 is off; on a CPU TRL accepts it only with ``use_cpu=True``, which
+    ``trl_run.py`` sets there), ``gradient_checkpointing=True``, ``packing=False``,
     ``padding_free=False``, each batch padded to its longest row; loss on every token (tunesmith:
     on the assistant's), logged every 10 steps (tunesmith: every step).
 ``best`` - each tool's fastest settings here. tunesmith: ``--packing`` (rows of 512 tokens,
@@ -38,11 +39,15 @@ import harness
 SETTINGS = {"batch_size": 4, "max_length": 512, "epochs": 1, **harness.TRAINING}
 #: --quick: 4 rows of at most 64 tokens, one step of batch 4
 QUICK_ROWS, QUICK_MAX_LENGTH = 4, 64
-#: TRL's fastest settings on this hardware. Gradient checkpointing recomputes each layer's
-#: activations in the backward pass (about a fifth more compute); with 512-token rows of a 135M
-#: model the memory it saves is not needed. Packing removes the padding of rows of unequal
-#: length: the bfd strategy puts whole samples into 512-token rows and makes the batch
-#: padding-free (position ids restart at each sample).
+#: TRL's fastest settings, chosen by what each does (not yet confirmed by a full-size timing).
+#: Gradient checkpointing recomputes each layer's activations in the backward pass (about a
+#: fifth more compute, TRL's docs say); with 512-token rows of a 135M model the memory it saves
+#: is not needed. Packing removes the padding of rows of unequal length: the default bfd
+#: strategy puts whole samples (cut at 512) into 512-token rows and makes the batch
+#: padding-free, position ids restarting at each sample (transformers' sdpa attention builds the
+#: per-sample mask from them; on CUDA, TRL recommends flash attention for this). padding_free
+#: alone is not chosen: without packing TRL does not enforce max_length, so it would train on
+#: more tokens than tunesmith, and it still runs a step per 4 rows.
 TRL_BEST = ["--gradient-checkpointing", "off", "--packing"]
 COUNTED = "each chat rendered by the model's chat template and tokenized, capped at the maximum length; no padding"
 
