@@ -27,9 +27,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from transformers import AutoTokenizer
-
 import harness
+from transformers import AutoTokenizer
 
 SETTINGS = {"batch_size": 4, "max_length": 512, "beta": 0.1, **harness.TRAINING}
 #: --quick: 4 pairs of at most 64 tokens a sequence, one step

@@ -29,7 +29,8 @@ from pathlib import Path
 
 import harness
 
-SETTINGS = {"batch_size": 8, "num_generations": 4, "max_completion_length": 64, "temperature": 1.0, "beta": 0.0, **harness.TRAINING}
+SETTINGS = {"batch_size": 8, "num_generations": 4, "max_completion_length": 64, "temperature": 1.0, "beta": 0.0,
+            **harness.TRAINING}
 #: --quick: one step of 2 prompts x 2 completions of at most 8 tokens
 QUICK = {"batch_size": 4, "num_generations": 2, "max_completion_length": 8}
 QUICK_ROWS, QUICK_STEPS = 2, 1
@@ -48,13 +49,15 @@ def main(argv: list[str] | None = None) -> dict:
         steps = QUICK_STEPS if args.quick else args.steps
         dataset = harness.write_jsonl(work_dir / "prompts.jsonl", harness.prompts(args.rows))
         generation = [
-            "--num-generations", str(settings["num_generations"]), "--max-completion-length", str(settings["max_completion_length"]),
+            "--num-generations", str(settings["num_generations"]),
+            "--max-completion-length", str(settings["max_completion_length"]),
             "--temperature", str(settings["temperature"]), "--beta", str(settings["beta"]), "--max-steps", str(steps),
         ]
         comparison = harness.Comparison(
             title="LoRA GRPO",
             commands={"tunesmith": tunesmith_command(model, dataset, settings) + generation,
-                      "trl": harness.trl_command("grpo", model, dataset, settings) + generation + ["--gradient-checkpointing", "off"]},
+                      "trl": harness.trl_command("grpo", model, dataset, settings) + generation
+                      + ["--gradient-checkpointing", "off"]},
             units={"completions": steps * settings["batch_size"]},
             how_counted="completions: optimizer steps x batch size (num_generations completions of each prompt)",
             settings={**settings, "steps": steps, "rows": args.rows, "reward": REWARD, "model": str(model)},

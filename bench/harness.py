@@ -195,7 +195,8 @@ def measure(tool: str, command: list[str], round_: int, work_dir: Path) -> Run:
     with tempfile.TemporaryDirectory(prefix=f"{tool}-", dir=work_dir) as folder:
         folder = Path(folder)
         device_file = folder / "device_memory.json"
-        argv = [sys.executable, str(DEVICE_MEMORY_WRAPPER), str(device_file)] + [part.replace("{out}", str(folder / "out")) for part in command]
+        argv = [sys.executable, str(DEVICE_MEMORY_WRAPPER), str(device_file)]
+        argv += [part.replace("{out}", str(folder / "out")) for part in command]
         env = {**os.environ, "HF_DATASETS_CACHE": str(folder / "datasets-cache"), "HF_HUB_OFFLINE": "1",
                "PYTHONPATH": os.pathsep.join(filter(None, [str(BENCH_DIR), os.environ.get("PYTHONPATH")]))}
         log = folder / "output.log"
@@ -280,7 +281,8 @@ def print_table(result: dict) -> None:
         rows.append([tool, f"{figures['median_wall_s']:.1f}"] + [f"{figures['per_s'][unit]:.2f}" for unit in units]
                     + [f"{figures['median_peak_rss_mib']:.0f}", "n/a" if device is None else f"{device:.0f}"])
     ratios = result["ratios"]
-    rows.append(["tunesmith/TRL", f"{result['tools']['tunesmith']['median_wall_s'] / result['tools']['trl']['median_wall_s']:.2f}x"]
+    walls = [figures["median_wall_s"] for figures in result["tools"].values()]
+    rows.append(["tunesmith/TRL", f"{walls[0] / walls[1]:.2f}x"]
                 + [f"{ratios[f'{unit}_per_s']:.2f}x" for unit in units]
                 + [f"{ratios['peak_rss']:.2f}x", "n/a" if ratios["peak_device"] is None else f"{ratios['peak_device']:.2f}x"])
     widths = [max(len(row[i]) for row in [header] + rows) for i in range(len(header))]
@@ -303,7 +305,8 @@ def machine() -> dict:
     import transformers
     import trl
 
-    cpu = next((line.split(":", 1)[1].strip() for line in _read("/proc/cpuinfo").splitlines() if line.startswith("model name")), platform.processor())
+    names = [line.split(":", 1)[1].strip() for line in _read("/proc/cpuinfo").splitlines() if line.startswith("model name")]
+    cpu = names[0] if names else platform.processor()
     memory_kib = next((int(line.split()[1]) for line in _read("/proc/meminfo").splitlines() if line.startswith("MemTotal")), 0)
     return {
         "cpu": cpu, "cores": len(os.sched_getaffinity(0)), "memory_gib": round(memory_kib / 1024**2, 1),
@@ -326,12 +329,16 @@ def _read(path: str) -> str:
 
 def argument_parser(description: str, rows: int) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--model", default=None, help="model alias or folder, loaded by both tools [default: smollm2-135m; with --quick a tiny random Llama]")
+    parser.add_argument("--model", default=None,
+                        help="model alias or folder, loaded by both tools [default: smollm2-135m; with --quick a tiny random Llama]")
     parser.add_argument("--rows", type=int, default=rows, help="rows of generated data [default: %(default)s]")
     parser.add_argument("--repeat", type=int, default=3, help="runs of each tool, alternating [default: %(default)s]")
-    parser.add_argument("--dir", type=Path, default=None, help="where the runs write (removed afterwards) [default: a temporary folder]")
+    parser.add_argument("--dir", type=Path, default=None,
+                        help="where the runs write (removed afterwards) [default: a temporary folder]")
     parser.add_argument("--json", type=Path, default=None, help="also write the result, with every run, to this JSON file")
-    parser.add_argument("--quick", action="store_true", help="one step of a tiny random model (unless --model) on a few rows, one run each: checks the script works, measures nothing")
+    parser.add_argument("--quick", action="store_true",
+                        help="one step of a tiny random model (unless --model) on a few rows, one run each: "
+                             "checks the script works, measures nothing")
     return parser
 
 

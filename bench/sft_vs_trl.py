@@ -32,9 +32,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from transformers import AutoTokenizer
-
 import harness
+from transformers import AutoTokenizer
 
 SETTINGS = {"batch_size": 4, "max_length": 512, "epochs": 1, **harness.TRAINING}
 #: --quick: 4 rows of at most 64 tokens, one step of batch 4

@@ -78,9 +78,8 @@ def dpo(args, common, dataset, lora):
 
 
 def grpo(args, common, dataset, lora):
-    from trl import GRPOConfig, GRPOTrainer
-
     from length_reward import length_reward
+    from trl import GRPOConfig, GRPOTrainer
 
     config = GRPOConfig(**common, beta=args.beta, num_generations=args.num_generations,
                         max_completion_length=args.max_completion_length, temperature=args.temperature)

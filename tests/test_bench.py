@@ -28,7 +28,8 @@ def test_quick_mode_reports_both_tools(name, tiny_model_dir, tmp_path, monkeypat
     monkeypatch.syspath_prepend(str(BENCH))
     module, options = SCRIPTS[name]
     json_path = tmp_path / "result.json"
-    importlib.import_module(module).main([*options, "--quick", "--model", str(tiny_model_dir), "--dir", str(tmp_path), "--json", str(json_path)])
+    quick = ["--quick", "--model", str(tiny_model_dir), "--dir", str(tmp_path), "--json", str(json_path)]
+    importlib.import_module(module).main([*options, *quick])
     output = capsys.readouterr().out
     result = json.loads(json_path.read_text())
     for tool in ("tunesmith", "trl"):
