@@ -15,7 +15,8 @@ pairs longer than that are cut at different places by the two tools.
 
 Printed: pairs and real tokens (prompt + chosen and prompt + rejected, each rendered by the chat
 template and capped at 512) per second of the whole process, wall time, peak memory, ratios.
-TRL also sets every dropout to 0 (``disable_dropout=True``, its default), LoRA's included.
+Both compute the reference log-probabilities in every step (neither precomputes them by
+default). TRL also sets every dropout to 0 (``disable_dropout=True``, its default), LoRA's included.
 
     .venv/bin/python bench/dpo_vs_trl.py
     .venv/bin/python bench/dpo_vs_trl.py --rows 120 --repeat 3 --json bench/results/dpo.json
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict:
             title="LoRA DPO",
             commands={"tunesmith": tunesmith_command(model, dataset, settings),
                       "trl": harness.trl_command("dpo", model, dataset, settings)
-                      + ["--beta", str(settings["beta"]), "--gradient-checkpointing", "off"]},
+                      + ["--beta", str(settings["beta"]), "--no-gradient-checkpointing"]},
             units={"pairs": len(rows), "tokens": tokens},
             how_counted=COUNTED,
             settings={**settings, "rows": args.rows, "model": str(model)},

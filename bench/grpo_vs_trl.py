@@ -56,8 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
         comparison = harness.Comparison(
             title="LoRA GRPO",
             commands={"tunesmith": tunesmith_command(model, dataset, settings) + generation,
-                      "trl": harness.trl_command("grpo", model, dataset, settings) + generation
-                      + ["--gradient-checkpointing", "off"]},
+                      "trl": harness.trl_command("grpo", model, dataset, settings) + generation + ["--no-gradient-checkpointing"]},
             units={"completions": steps * settings["batch_size"]},
             how_counted="completions: optimizer steps x batch size (num_generations completions of each prompt)",
             settings={**settings, "steps": steps, "rows": args.rows, "reward": REWARD, "model": str(model)},

@@ -47,7 +47,7 @@ QUICK_ROWS, QUICK_MAX_LENGTH = 4, 64
 #: per-sample mask from them; on CUDA, TRL recommends flash attention for this). padding_free
 #: alone is not chosen: without packing TRL does not enforce max_length, so it would train on
 #: more tokens than tunesmith, and it still runs a step per 4 rows.
-TRL_BEST = ["--gradient-checkpointing", "off", "--packing"]
+TRL_BEST = ["--no-gradient-checkpointing", "--packing"]
 COUNTED = "each chat rendered by the model's chat template and tokenized, capped at the maximum length; no padding"
 
 

@@ -18,6 +18,10 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+from datasets import load_dataset
+from peft import LoraConfig
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -34,19 +38,13 @@ def main() -> None:
     parser.add_argument("--lora-rank", type=int, required=True)
     parser.add_argument("--lora-alpha", type=int, required=True)
     parser.add_argument("--lora-dropout", type=float, required=True)
-    parser.add_argument("--gradient-checkpointing", choices=["default", "on", "off"], default="default")
+    parser.add_argument("--no-gradient-checkpointing", action="store_true", help="gradient_checkpointing=False (TRL's default is True)")
     parser.add_argument("--packing", action="store_true", help="sft: SFTConfig(packing=True)")
-    parser.add_argument("--padding-free", action="store_true", help="sft: SFTConfig(padding_free=True)")
     parser.add_argument("--beta", type=float, help="dpo, grpo")
     parser.add_argument("--num-generations", type=int, help="grpo")
     parser.add_argument("--max-completion-length", type=int, help="grpo")
     parser.add_argument("--temperature", type=float, help="grpo")
     args = parser.parse_args()
-
-    import torch
-    from datasets import load_dataset
-    from peft import LoraConfig
-
     dataset = load_dataset("json", data_files=args.dataset, split="train")
     lora = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                       target_modules="all-linear", task_type="CAUSAL_LM")
@@ -56,8 +54,8 @@ def main() -> None:
         # without CUDA, TRL's default bf16=True is refused ("Your setup doesn't support bf16/gpu") unless use_cpu is set
         use_cpu=not torch.cuda.is_available(),
     )
-    if args.gradient_checkpointing != "default":
-        common["gradient_checkpointing"] = args.gradient_checkpointing == "on"
+    if args.no_gradient_checkpointing:
+        common["gradient_checkpointing"] = False
     trainer = TRAINERS[args.trainer](args, common, dataset, lora)
     trainer.train()
     trainer.save_model()
@@ -66,7 +64,7 @@ def main() -> None:
 def sft(args, common, dataset, lora):
     from trl import SFTConfig, SFTTrainer
 
-    config = SFTConfig(**common, max_length=args.max_length, packing=args.packing, padding_free=args.padding_free)
+    config = SFTConfig(**common, max_length=args.max_length, packing=args.packing)
     return SFTTrainer(model=args.model, args=config, train_dataset=dataset, peft_config=lora)
 
 
