@@ -92,3 +92,55 @@ def test_the_rm_score_head_peft_copies_from_a_bf16_base_is_trained_in_fp32(tiny_
     trained = {name: p.dtype for name, p in model.named_parameters() if p.requires_grad}
     assert any("score" in name for name in trained)
     assert set(trained.values()) == {torch.float32}
+
+
+def peak_tensor_bytes(step) -> int:
+    """The most bytes of CPU tensors alive at once while ``step()`` runs, from the profiler's allocation records."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        step()
+    allocations = sorted((e for e in profiler.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    live = peak = 0
+    for allocation in allocations:
+        live += allocation.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_gradient_checkpointing_lowers_the_peak_of_a_lora_step_by_more_than_half(precision):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tunesmith.engine import enable_activation_checkpointing
+
+    def lora_step_peak(checkpointing: bool) -> int:
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=256, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2)
+        model = apply_adapter(LlamaForCausalLM(config).to(frozen_weights_dtype("lora", precision, SingleDeviceStrategy)), "lora", 4, 8, 0.05)
+        if checkpointing:
+            enable_activation_checkpointing(model)
+        model.train()
+        input_ids = torch.randint(0, 128, (4, 256))
+
+        def step():
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss = model(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+            loss.backward()
+
+        return peak_tensor_bytes(step)
+
+    assert lora_step_peak(checkpointing=True) < 0.5 * lora_step_peak(checkpointing=False)
+
+
+def test_low_memory_turns_on_gradient_checkpointing(tiny_model_dir, tmp_path, monkeypatch):
+    from tests.helpers import chat_rows, run_cli, write_jsonl
+    from tunesmith import engine
+
+    checkpointed = []
+    real = engine.enable_activation_checkpointing
+    monkeypatch.setattr(engine, "enable_activation_checkpointing", lambda model: (checkpointed.append(model), real(model)))
+    data = write_jsonl(tmp_path / "train.jsonl", chat_rows(4))
+    assert run_cli("sft", "--model", tiny_model_dir, "--dataset", data, "--output-dir", tmp_path / "run", "--max-steps", "1", "--low-memory") == 0
+    assert len(checkpointed) == 1
+    assert any(getattr(module, "gradient_checkpointing", False) for module in checkpointed[0].modules())

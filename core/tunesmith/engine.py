@@ -117,8 +117,10 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
     model = apply_adapter(
         model, config.adapter, config.lora_rank, config.lora_alpha, config.lora_dropout, config.target_modules, trainer_record.spec.model_kind
     )
-    if config.gradient_checkpointing:
+    if config.gradient_checkpointing or config.low_memory:
         enable_activation_checkpointing(model)
+    if config.compile:
+        model.compile()  # in place: the module, its parameters and their names stay what they were
     trainable = sum(parameter_size(p) for p in model.parameters() if p.requires_grad)
     total = sum(parameter_size(p) for p in model.parameters())
     build_optimizer = manager.get("optimizer", config.optimizer).load()
@@ -140,7 +142,8 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
     trainer_options = {spec.name: config.plugin_options.get(spec.name, spec.default) for spec in trainer_record.spec.options}
     trainer.setup(TrainerContext(strategy, device, plan.precision, manager, trainer_options, make_reference))
 
-    step_plan = StepPlan(plan.global_batch, config.batch_size, config.seed)
+    # Packed rows are all close to --max-length already: grouping them would only sort them.
+    step_plan = StepPlan(plan.global_batch, config.batch_size, config.seed, group_by_length=config.group_by_length and not config.packing)
     source: StepSource = trainer.step_source(data.train_rows, step_plan) or DatasetSteps(data.train_rows, step_plan, strategy)
     total_steps = config.max_steps or config.epochs * source.steps_per_epoch
     scheduler = build_scheduler(
