@@ -72,7 +72,8 @@ class TrainConfig:
         False, "Recompute each layer's activations in backward instead of keeping them: far less activation memory, about a third more time per step.", flag=True,
     )
     low_memory: bool = option(
-        False, "Lowest peak memory at a speed cost: turns on --gradient-checkpointing (about a third more time per step on CPU).", flag=True,
+        False, "Lowest peak memory at a speed cost: turns on --gradient-checkpointing and hands freed memory back to the system "
+        "at once (glibc), which costs page faults; about a third more time per step on CPU.", flag=True,
     )
     compile: bool = option(
         False, "Compile the model with torch.compile. Not worth it on CPUs: measured on 2 cores (SmolLM2-135M, LoRA, bf16, rows of "

@@ -26,6 +26,7 @@ from tunesmith.data.examples import CONVERSATION_FORMATS
 from tunesmith.data.setup import build_training_data
 from tunesmith.data.sharding import shard_step
 from tunesmith.data.tokenize import ensure_chat_template
+from tunesmith.devices.malloc import return_large_blocks_to_the_system
 from tunesmith.errors import ConfigError, Stopped, StorageError, TrainingError
 from tunesmith.failure import note_failure_time
 from tunesmith.loggers import open_loggers
@@ -119,6 +120,8 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
     )
     if config.gradient_checkpointing or config.low_memory:
         enable_activation_checkpointing(model)
+    if config.low_memory:
+        return_large_blocks_to_the_system()
     if config.compile:
         model.compile()  # in place: the module, its parameters and their names stay what they were
     trainable = sum(parameter_size(p) for p in model.parameters() if p.requires_grad)

@@ -10,7 +10,6 @@ import sys
 import torch
 
 from tunesmith.device import Device
-from tunesmith.devices.malloc import return_large_blocks_to_the_system
 
 CPUINFO_PATH = "/proc/cpuinfo"
 NATIVE_BF16_FLAGS = {"amx_bf16", "avx512_bf16"}
@@ -35,7 +34,6 @@ class CPUDevice(Device):
         return 1
 
     def setup(self, local_rank: int = 0) -> torch.device:
-        return_large_blocks_to_the_system()
         return torch.device("cpu")
 
     def memory_stats(self) -> dict[str, int]:
