@@ -69,11 +69,12 @@ class TrainConfig:
     lora_dropout: float = option(0.05, "Dropout on the LoRA input.", FRACTION)
     target_modules: str = option("all-linear", "Comma-separated module names to adapt, or all-linear.")
     gradient_checkpointing: bool = option(
-        False, "Recompute each layer's activations in backward instead of keeping them: far less activation memory, about a third more time per step.", flag=True,
+        False, "Recompute each layer's activations in backward instead of keeping them: far less activation memory for one more forward pass per step (typically a quarter to a third more time).", flag=True,
     )
     low_memory: bool = option(
-        False, "Lowest peak memory at a speed cost: turns on --gradient-checkpointing and hands freed memory back to the system "
-        "at once (glibc), which costs page faults; about a third more time per step on CPU.", flag=True,
+        False, "Lowest peak memory at a speed cost: turns on --gradient-checkpointing (one more forward pass per step) and hands "
+        "freed memory back to the system at once (glibc), which costs page faults; measured on 2 CPU cores with --packing: "
+        "peak 1.6 GB resident instead of 4.6 GB, system time 4 s -> 28 s per 40-chat epoch.", flag=True,
     )
     compile: bool = option(
         False, "Compile the model with torch.compile. Not worth it on CPUs: measured on 2 cores (SmolLM2-135M, LoRA, bf16, rows of "
