@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from tests.helpers import cpu_device
@@ -43,3 +47,32 @@ def test_unsupported_precision_names_the_option():
     with pytest.raises(ConfigError, match="--precision fp8"):
         device.resolve_precision("fp8")
 
+
+
+STEPS_OF_ACTIVATIONS = """
+import os, random, sys, torch
+from tunesmith.devices.malloc import return_large_blocks_to_the_system
+if sys.argv[1] == "fixed":
+    assert return_large_blocks_to_the_system()
+def resident():
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+rng, kept = random.Random(0), []
+start = resident()
+for step in range(6):  # each step: activations of varying sizes, freed; something small kept
+    activations = [torch.ones(rng.randint(1 << 20, 24 << 20), dtype=torch.uint8) for _ in range(30)]
+    kept.append(torch.ones(rng.randint(1 << 20, 4 << 20), dtype=torch.uint8))
+    del activations
+print(resident() - start - sum(t.numel() for t in kept))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").is_file(), reason="reads the resident size from /proc")
+def test_a_fixed_mmap_threshold_returns_freed_activations_to_the_system():
+    def left_resident(mode: str) -> int:
+        out = subprocess.run([sys.executable, "-c", STEPS_OF_ACTIVATIONS, mode], capture_output=True, text=True, check=True).stdout
+        return int(out.split()[-1])
+
+    if left_resident("dynamic") < 64 << 20:
+        pytest.skip("this C library returns freed blocks by itself")
+    assert left_resident("fixed") < 64 << 20

@@ -224,3 +224,13 @@ def test_the_terminal_bar_shows_a_dash_until_a_loss_is_logged():
     with StepProgress(Console(file=screen, force_terminal=True, width=120), "sft", total=2, completed=2, learning_rate=1e-4):
         pass
     assert "loss -" in screen.getvalue() and "nan" not in screen.getvalue()
+
+
+def test_compile_compiles_the_trained_model_in_place(tiny_model_dir, data_file, tmp_path, monkeypatch):
+    # Compiling for real takes minutes on a CPU; what --compile must do is hand the model to torch.compile in place.
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda module, *args, **kwargs: compiled.append(module))
+    assert sft(tiny_model_dir, data_file, tmp_path / "run", "--max-steps", "1", "--compile") == 0
+    assert len(compiled) == 1 and any(p.requires_grad for p in compiled[0].parameters())
+    assert sft(tiny_model_dir, data_file, tmp_path / "plain", "--max-steps", "1") == 0
+    assert len(compiled) == 1

@@ -143,8 +143,29 @@ def test_collate_restarts_positions_and_never_targets_across_samples():
     batch = collate_causal([[first, second], [alone]], pad_token_id=0)
     ignore = IGNORE_INDEX
     assert batch["input_ids"].tolist() == [[11, 12, 13, 21, 22], [31, 0, 0, 0, 0]]
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 0, 1, 2, 3]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 2, 3, 4]]  # padding continues the last sample
     assert batch["targets"].tolist() == [[12, 13, ignore, 22, ignore], [ignore] * 5]
     assert batch["input_ids"].dtype == batch["position_ids"].dtype == batch["targets"].dtype == torch.long
     assert batch["num_target_tokens"] == 3
     assert batch["num_input_tokens"] == 6
+
+
+def test_unpacked_padded_rows_take_the_mask_free_causal_path_and_lose_nothing(tiny_model_dir, tokenizer, samples, monkeypatch):
+    model = load_model(tiny_model_dir, "sdpa")
+    rows = unpacked(samples)
+    assert len({len(sample) for sample in samples}) > 1  # rows of different lengths: there is padding
+    calls = []
+    real_attention = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs.get("attn_mask"), kwargs.get("is_causal")))
+        return real_attention(*args, **kwargs)
+
+    with torch.no_grad():
+        monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+        padded = per_token_losses(model, collate_causal(rows, tokenizer.pad_token_id))
+        monkeypatch.undo()
+        assert calls and all(mask is None and causal for mask, causal in calls)
+        for b, start, sample in sample_slices(rows):
+            alone = per_token_losses(model, collate_causal([[sample]], tokenizer.pad_token_id))[0]
+            torch.testing.assert_close(padded[b, : len(sample)], alone, rtol=0, atol=1e-5)

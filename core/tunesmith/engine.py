@@ -26,6 +26,7 @@ from tunesmith.data.examples import CONVERSATION_FORMATS
 from tunesmith.data.setup import build_training_data
 from tunesmith.data.sharding import shard_step
 from tunesmith.data.tokenize import ensure_chat_template
+from tunesmith.devices.malloc import return_large_blocks_to_the_system
 from tunesmith.errors import ConfigError, Stopped, StorageError, TrainingError
 from tunesmith.failure import note_failure_time
 from tunesmith.loggers import open_loggers
@@ -109,15 +110,20 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
     quantization = device.quantization_config(config.adapter) if config.adapter in device.capabilities.quantization else None
     with strategy.model_init_context() as empty:
         model = load_model(
-            plan.model_path, config.trust_remote_code, empty=empty, attn_implementation=device.attention_implementation(),
+            plan.model_path, config.trust_remote_code, dtype=frozen_weights_dtype(config.adapter, plan.precision, strategy),
+            empty=empty, attn_implementation=device.attention_implementation(),
             quantization_config=quantization, model_kind=trainer_record.spec.model_kind, pad_token_id=tokenizer.pad_token_id,
         )
     model = device.prepare_model(model)
     model = apply_adapter(
         model, config.adapter, config.lora_rank, config.lora_alpha, config.lora_dropout, config.target_modules, trainer_record.spec.model_kind
     )
-    if config.gradient_checkpointing:
+    if config.gradient_checkpointing or config.low_memory:
         enable_activation_checkpointing(model)
+    if config.low_memory:
+        return_large_blocks_to_the_system()
+    if config.compile:
+        model.compile()  # in place: the module, its parameters and their names stay what they were
     trainable = sum(parameter_size(p) for p in model.parameters() if p.requires_grad)
     total = sum(parameter_size(p) for p in model.parameters())
     build_optimizer = manager.get("optimizer", config.optimizer).load()
@@ -139,7 +145,8 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
     trainer_options = {spec.name: config.plugin_options.get(spec.name, spec.default) for spec in trainer_record.spec.options}
     trainer.setup(TrainerContext(strategy, device, plan.precision, manager, trainer_options, make_reference))
 
-    step_plan = StepPlan(plan.global_batch, config.batch_size, config.seed)
+    # Packed rows are all close to --max-length already: grouping them would only sort them.
+    step_plan = StepPlan(plan.global_batch, config.batch_size, config.seed, group_by_length=config.group_by_length and not config.packing)
     source: StepSource = trainer.step_source(data.train_rows, step_plan) or DatasetSteps(data.train_rows, step_plan, strategy)
     total_steps = config.max_steps or config.epochs * source.steps_per_epoch
     scheduler = build_scheduler(
@@ -274,6 +281,19 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
     return RunResult(output_dir, final_dir, loop.step, device.name, plan.precision)
 
 
+def frozen_weights_dtype(adapter: str, precision: str, strategy: Strategy) -> torch.dtype:
+    """The dtype the base model's weights are loaded in: bf16 when only an adapter is trained and compute is bf16.
+
+    Autocast would otherwise cast every frozen fp32 weight to bf16 on every forward and keep the
+    copies for backward, and the fp32 residual stream would be stored in fp32; the adapter's own
+    weights stay fp32 (peft upcasts them). Strategies that shard or flatten the parameters need
+    one dtype and keep fp32. fp16 keeps fp32 weights: an fp16 residual stream can overflow.
+    """
+    if adapter in ("lora", "dora") and precision == "bf16" and strategy.holds_frozen_weights_in_compute_dtype:
+        return torch.bfloat16
+    return torch.float32
+
+
 def enable_activation_checkpointing(model) -> None:
     """Recompute activations in backward: transformers' newer name where it has it, the older one else."""
     kwargs = {"use_reentrant": False}
@@ -318,19 +338,26 @@ def accumulate_gradients(model, trainer: Trainer, pieces, filler, strategy: Stra
     items, tokens = strategy.reduce(local).tolist()
     items = max(items, 1.0)
     backward_scale = strategy.dp_size if strategy.gradient_reduction == "mean" else 1
-    loss_total = torch.zeros((), dtype=torch.float64)
-    logged: dict[str, float] = {}
+    # Losses and metrics stay where they were computed until the step's one reduction: reading
+    # each micro-batch's value back would make the host wait for the device every micro-batch.
+    losses: list[torch.Tensor] = []
+    logged: dict[str, list[Any]] = {}
     for index, (batch, weight) in enumerate(batches):
         batch = move_to(batch, strategy.root_device)
         with strategy.no_sync(model, index < len(batches) - 1), strategy.autocast():
             output = trainer.compute_loss(model, batch)
         strategy.backward(output.loss * (weight * backward_scale / items), model)
-        loss_total += output.loss.detach().double().cpu() * weight
+        losses.append(output.loss.detach() * weight)
         for key, value in output.metrics.items():
-            logged[key] = logged.get(key, 0.0) + float(value) * weight
+            logged.setdefault(key, []).append(value * weight)
     keys = sorted(logged)
-    totals = strategy.reduce(torch.tensor([float(loss_total), *(logged[key] for key in keys)], dtype=torch.float64)).tolist()
+    totals = strategy.reduce(torch.stack([summed(losses, strategy.root_device), *(summed(logged[key], strategy.root_device) for key in keys)])).tolist()
     return totals[0] / items, {key: value / items for key, value in zip(keys, totals[1:])}, int(tokens)
+
+
+def summed(values: list[Any], device: torch.device) -> torch.Tensor:
+    """The float64 sum, on ``device``, of numbers and tensors (one element each)."""
+    return torch.stack([torch.as_tensor(value, device=device).detach().reshape(()).double() for value in values]).sum()
 
 
 def move_to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

@@ -194,6 +194,8 @@ def apply_adapter(
         return model
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
+    from tunesmith.lora_inputs import install_lora_inputs
+
     if adapter == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
@@ -207,9 +209,25 @@ def apply_adapter(
         task_type="SEQ_CLS" if model_kind == "sequence_classification" else "CAUSAL_LM",
     )
     try:
-        return get_peft_model(model, config)
+        model = get_peft_model(model, config)
     except ValueError as error:
         raise ConfigError(f"--target-modules {target_modules}: {error}") from error
+    install_lora_inputs(model)
+    keep_trainable_weights_in_fp32(model)
+    return model
+
+
+def keep_trainable_weights_in_fp32(model) -> None:
+    """Upcast trained parameters the base model held in a lower precision (a score head peft copied from a bf16 base).
+
+    The optimizer updates fp32 weights; a bf16 weight would lose most small updates to rounding.
+    peft already makes the LoRA weights fp32.
+    """
+    import torch
+
+    for parameter in model.parameters():
+        if parameter.requires_grad and parameter.dtype != torch.float32 and parameter.is_floating_point():
+            parameter.data = parameter.data.float()
 
 
 def sequence_scores(model, batch: dict[str, Any]) -> torch.Tensor:

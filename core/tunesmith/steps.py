@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from tunesmith.data.order import BatchOrder
 from tunesmith.data.sharding import shard_step
+from tunesmith.errors import ConfigError
 
 if TYPE_CHECKING:
     from tunesmith.strategy import Strategy
@@ -41,6 +42,8 @@ class StepPlan:
     #: rows of one micro-batch
     batch_size: int
     seed: int
+    #: whether rows of similar length share steps (:class:`~tunesmith.data.order.BatchOrder`)
+    group_by_length: bool = False
 
 
 class StepSource(ABC):
@@ -72,7 +75,8 @@ class DatasetSteps(StepSource):
         self.rows = rows
         self.plan = plan
         self.strategy = strategy
-        self.order = BatchOrder(len(rows), plan.global_batch, plan.seed)
+        lengths = [sum(len(unit) for unit in row) for row in rows] if plan.group_by_length else None
+        self.order = BatchOrder(len(rows), plan.global_batch, plan.seed, lengths)
         self.steps_per_epoch = self.order.steps_per_epoch
         self.epoch, self.epoch_rows = 0, 0
 
@@ -86,7 +90,15 @@ class DatasetSteps(StepSource):
         return self.order.epoch_progress(self.epoch, self.epoch_rows)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "epoch_rows": self.epoch_rows}
+        return {"epoch": self.epoch, "epoch_rows": self.epoch_rows, "group_by_length": self.plan.group_by_length}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        # Checkpoints from before grouping existed do not say; their order is taken as it is now.
+        grouped = bool(state.get("group_by_length", self.plan.group_by_length))
+        if grouped != self.plan.group_by_length:
+            raise ConfigError(
+                f"the checkpoint's run {'grouped' if grouped else 'did not group'} rows by length and this one "
+                f"{'does' if self.plan.group_by_length else 'does not'}: the rest of the epoch would be other rows; "
+                f"resume with {'--group-by-length' if grouped else '--no-group-by-length'}"
+            )
         self.epoch, self.epoch_rows = int(state["epoch"]), int(state["epoch_rows"])

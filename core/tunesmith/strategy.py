@@ -71,6 +71,9 @@ class Strategy(ABC):
     gradient_reduction: ClassVar[str] = "mean"
     #: what its checkpoints hold; a run resumes only a checkpoint of its own format
     checkpoint_format: ClassVar[str] = "replicated"
+    #: whether the model may mix bf16 frozen weights with fp32 trained ones (a LoRA run in bf16 then loads
+    #: its base in bf16); strategies that shard or flatten parameters into one buffer say no
+    holds_frozen_weights_in_compute_dtype: ClassVar[bool] = False
 
     def __init__(
         self, device: Device, precision: str, environment: ProcessEnvironment | None = None, options: Mapping[str, Any] | None = None
@@ -263,6 +266,7 @@ class Strategy(ABC):
 
 class SingleDeviceStrategy(Strategy):
     name = "single"
+    holds_frozen_weights_in_compute_dtype = True
 
     def setup_environment(self) -> None:
         self.root_device = self.device.setup(self.local_rank)

@@ -1,11 +1,17 @@
 """Building causal-LM batches from rows of samples.
 
 There is no attention mask. Rows are right-padded, and under causal attention a real token
-never attends to the padding after it. Each sample's ``position_ids`` restart at 0 and the
-padding forms a run of its own (0, 1, ...), and transformers (>= 5.17), given ``position_ids``
-and no ``attention_mask`` nor cache, reads those restarts as sequence boundaries and builds a
-block-diagonal causal mask (``masking_utils.find_packed_sequence_indices``) for every
-attention implementation. So a packed sample sees exactly what it would see alone.
+never attends to the padding after it. Each sample's ``position_ids`` restart at 0, and
+transformers (>= 5.17), given ``position_ids`` and no ``attention_mask`` nor cache, reads those
+restarts as sequence boundaries and builds a block-diagonal causal mask
+(``masking_utils.find_packed_sequence_indices``) for every attention implementation. So a
+packed sample sees exactly what it would see alone.
+
+The padding continues the positions of the row's last sample rather than restarting: padding
+is never attended to and has no target, and a batch of one sample per row then has no restart
+at all, so transformers builds no mask and attention takes its causal fast path (sdpa's
+``is_causal``, which also skips the blocks above the diagonal) instead of reading a dense
+(B, 1, L, L) mask in every layer.
 """
 
 from __future__ import annotations
@@ -41,7 +47,8 @@ def collate_causal(rows: list[list[Sample]], pad_token_id: int) -> dict[str, Any
             sample_ids[b, start:end] = number
             start, number = end, number + 1
         num_input_tokens += start
-        position_ids[b, start:] = torch.arange(length - start)
+        last_sample_start = start - len(row[-1])
+        position_ids[b, start:] = torch.arange(start - last_sample_start, length - last_sample_start)
     return {
         "input_ids": input_ids,
         "position_ids": position_ids,

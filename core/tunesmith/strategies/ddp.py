@@ -15,6 +15,7 @@ from tunesmith.strategies.process_group import ProcessGroupStrategy
 class DDPStrategy(ProcessGroupStrategy):
     name = "ddp"
     gradient_reduction = "mean"
+    holds_frozen_weights_in_compute_dtype = True
 
     def setup(self, model, make_optimizer, settings):
         model = model.to(self.root_device)

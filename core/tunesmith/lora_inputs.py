@@ -1,0 +1,70 @@
+"""What a LoRA adapter's ``lora_A`` reads: the layer input, dropped out, in the compute dtype.
+
+peft casts a LoRA layer's input to the adapter's dtype (fp32) and then applies ``nn.Dropout``.
+Under bf16 autocast that costs, per adapted layer and token, an fp32 copy of the input, its
+cast back to bf16 for ``lora_A``, and (on CPU, where dropout multiplies by a noise tensor of
+the input's dtype) an fp32 noise tensor kept for backward: 6 bytes per element kept and two
+full copies made, for each of the seven adapted projections of every transformer layer.
+
+:class:`LoRAInput` replaces peft's dropout: it casts the input straight to the dtype
+``lora_A`` computes in (autocast's when autocast is on, the adapter's otherwise) and drops it
+out with a boolean mask, which is all backward keeps (1 byte per element). The dropout is the
+same in distribution: each element kept with probability ``1 - p`` and scaled by ``1 / (1 - p)``.
+DoRA layers keep peft's own modules (their forward treats an ``nn.Identity`` dropout specially).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class _MaskedDropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, p: float, dtype: torch.dtype) -> torch.Tensor:
+        keep = torch.empty_like(x, dtype=torch.bool).bernoulli_(1.0 - p)
+        ctx.save_for_backward(keep)
+        ctx.scale, ctx.input_dtype = 1.0 / (1.0 - p), x.dtype
+        return (x.to(dtype) * keep).mul_(ctx.scale)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (keep,) = ctx.saved_tensors
+        return (grad * keep).mul_(ctx.scale).to(ctx.input_dtype), None, None
+
+
+class LoRAInput(nn.Module):
+    """Dropout with probability ``p`` that also casts to the dtype ``lora_A`` will compute in."""
+
+    def __init__(self, p: float, adapter_dtype: torch.dtype):
+        super().__init__()
+        self.p = p
+        self.adapter_dtype = adapter_dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device_type = x.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else self.adapter_dtype
+        if self.training and self.p > 0:
+            return _MaskedDropout.apply(x, self.p, dtype)
+        return x.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def install_lora_inputs(model: nn.Module) -> int:
+    """Replace the dropout of every plain LoRA layer in ``model`` with :class:`LoRAInput`; returns how many."""
+    from peft.tuners.lora import Linear
+
+    replaced = 0
+    for module in model.modules():
+        if not isinstance(module, Linear) or module.lora_variant:
+            continue
+        dropouts = module.lora_dropout
+        for adapter, dropout in dropouts.items():
+            p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+            dropouts[adapter] = LoRAInput(p, module.lora_A[adapter].weight.dtype)
+            replaced += 1
+        # LoRAInput casts; peft's own cast to the adapter's dtype would make a copy it undoes.
+        module.cast_input_dtype_enabled = False
+    return replaced
