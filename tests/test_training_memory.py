@@ -41,7 +41,7 @@ class SavedForBackward:
 def test_lora_dropout_keeps_only_a_boolean_mask_and_computes_in_the_autocast_dtype():
     torch.manual_seed(0)
     x = torch.randn(64, 32, requires_grad=True)
-    dropout = LoRAInput(0.5, torch.float32).train()
+    dropout = LoRAInput(0.5, lambda: torch.float32).train()
     with SavedForBackward() as saved, torch.autocast("cpu", dtype=torch.bfloat16):
         out = dropout(x)
     assert out.dtype == torch.bfloat16
@@ -57,9 +57,9 @@ def test_lora_dropout_keeps_only_a_boolean_mask_and_computes_in_the_autocast_dty
 def test_lora_input_without_dropout_or_in_eval_is_a_cast_and_no_copy_when_the_dtype_matches():
     x = torch.randn(8, 4).bfloat16()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert LoRAInput(0.0, torch.float32).train()(x) is x
-        assert LoRAInput(0.5, torch.float32).eval()(x) is x
-    assert LoRAInput(0.0, torch.float32)(x).dtype == torch.float32  # no autocast: the adapter's dtype
+        assert LoRAInput(0.0, lambda: torch.float32).train()(x) is x
+        assert LoRAInput(0.5, lambda: torch.float32).eval()(x) is x
+    assert LoRAInput(0.0, lambda: torch.float32)(x).dtype == torch.float32  # no autocast: the adapter's dtype
 
 
 def test_frozen_weights_are_bf16_only_for_adapters_trained_in_bf16_on_replicating_strategies():

@@ -15,6 +15,9 @@ DoRA layers keep peft's own modules (their forward treats an ``nn.Identity`` dro
 
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -36,20 +39,25 @@ class _MaskedDropout(torch.autograd.Function):
 class LoRAInput(nn.Module):
     """Dropout with probability ``p`` that also casts to the dtype ``lora_A`` will compute in."""
 
-    def __init__(self, p: float, adapter_dtype: torch.dtype):
+    def __init__(self, p: float, adapter_dtype: Callable[[], torch.dtype]):
         super().__init__()
         self.p = p
+        #: the dtype ``lora_A``'s weight has now (FSDP's mixed precision casts it for compute)
         self.adapter_dtype = adapter_dtype
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         device_type = x.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else self.adapter_dtype
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else self.adapter_dtype()
         if self.training and self.p > 0:
             return _MaskedDropout.apply(x, self.p, dtype)
         return x.to(dtype)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
+
+
+def _weight_dtype(layer: nn.Linear) -> torch.dtype:
+    return layer.weight.dtype
 
 
 def install_lora_inputs(model: nn.Module) -> int:
@@ -63,7 +71,7 @@ def install_lora_inputs(model: nn.Module) -> int:
         dropouts = module.lora_dropout
         for adapter, dropout in dropouts.items():
             p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-            dropouts[adapter] = LoRAInput(p, module.lora_A[adapter].weight.dtype)
+            dropouts[adapter] = LoRAInput(p, functools.partial(_weight_dtype, module.lora_A[adapter]))
             replaced += 1
         # LoRAInput casts; peft's own cast to the adapter's dtype would make a copy it undoes.
         module.cast_input_dtype_enabled = False
