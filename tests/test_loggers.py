@@ -174,6 +174,10 @@ def test_every_started_logger_finishes_when_the_run_fails(tmp_path, capsys):
     assert "the failing logger failed to finish: OSError('still down')" in capsys.readouterr().err
 
 
+TRACKER_LINES = [{"step": 1, "loss": 2.5, "learning_rate": 1e-4, "device": "cpu", "memory_peak_bytes": None},
+                 {"step": 1, "eval_loss": 2.75}, {"step": 2, "loss": 2.0, "learning_rate": 5e-5, "rewards/length": 0.5}]
+
+
 def test_report_to_mlflow_keeps_the_run_in_a_local_store_under_the_output_folder(tmp_path, monkeypatch):
     pytest.importorskip("mlflow", reason="mlflow is an optional extra (pip install 'tunesmith[mlflow]')")
     from mlflow.tracking import MlflowClient
@@ -181,8 +185,7 @@ def test_report_to_mlflow_keeps_the_run_in_a_local_store_under_the_output_folder
     from tunesmith.loggers.mlflow import MLflowLogger
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    lines = [{"step": 1, "loss": 2.5, "learning_rate": 1e-4, "device": "cpu", "memory_peak_bytes": None},
-             {"step": 1, "eval_loss": 2.75}, {"step": 2, "loss": 2.0, "learning_rate": 5e-5, "rewards/length": 0.5}]
+    lines = TRACKER_LINES
     logger = MLflowLogger()
     logger.start({"learning_rate": 1e-4, "dataset": ["a.jsonl"]}, tmp_path, 0)
     for line in lines:
@@ -230,3 +233,109 @@ def test_a_resumed_run_replaces_tensorboard_steps_after_its_checkpoint(tmp_path)
     resumed.finish()
     events = EventAccumulator(str(tmp_path / "runs")).Reload()
     assert [(event.step, event.value) for event in events.Scalars("loss")] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+
+
+def wandb_records(path: Path):
+    """The protobuf records of a wandb run file, read independently of wandb (which has no
+    Python reader since its core moved to Go): a 7-byte ``:W&B`` header, then LevelDB log
+    blocks of 32 KiB, each record a 7-byte header (crc, length, type) and its bytes, split
+    across blocks as FIRST/MIDDLE/LAST pieces."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    block, full, last = 32 * 1024, 1, 4
+    data = path.read_bytes()
+    assert data[:4] == b":W&B"
+    offset, pending = 7, b""
+    while offset + 7 <= len(data):
+        if block - offset % block < 7:
+            offset += block - offset % block
+            continue
+        _, length, kind = struct.unpack_from("<IHB", data, offset)
+        pending += data[offset + 7 : offset + 7 + length]
+        offset += 7 + length
+        if kind in (full, last):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            yield record
+            pending = b""
+
+
+def test_report_to_wandb_offline_keeps_the_metrics_and_config_in_the_run_folder(tmp_path, monkeypatch):
+    pytest.importorskip("wandb", reason="wandb is an optional extra (pip install 'tunesmith[wandb]')")
+    from tunesmith.loggers.wandb import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    for variable in ("WANDB_PROJECT", "WANDB_NAME", "WANDB_DIR"):
+        monkeypatch.delenv(variable, raising=False)
+    logger = WandbLogger()
+    logger.start({"learning_rate": 1e-4, "dataset": ["a.jsonl"]}, tmp_path, 0)
+    for line in TRACKER_LINES:
+        logger.log(line)
+    logger.finish()
+
+    (run_file,) = (tmp_path / "wandb").glob("offline-run-*/run-*.wandb")
+    history, config, runs = [], {}, []
+    for record in wandb_records(run_file):
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
+        elif kind == "run":
+            runs.append((record.run.project, record.run.display_name))
+            config.update({item.key: json.loads(item.value_json) for item in record.run.config.update})
+    assert ("tunesmith", tmp_path.name) in runs
+    assert config["learning_rate"] == 1e-4 and config["dataset"] == ["a.jsonl"]
+    rows = {row["_step"]: row for row in history}
+    assert sorted(rows) == [1, 2]
+    for key in ("loss", "learning_rate", "eval_loss", "rewards/length"):
+        expected = [(line["step"], line[key]) for line in TRACKER_LINES if key in line]
+        assert [(step, rows[step][key]) for step, _ in expected] == expected, key
+    assert not any("device" in row or "memory_peak_bytes" in row for row in history)
+
+
+TRACKIO_RUN = """
+import json, sys
+from pathlib import Path
+from tunesmith.loggers.trackio import TrackioLogger
+from trackio.sqlite_storage import SQLiteStorage
+
+output, lines = Path(sys.argv[1]), json.loads(sys.argv[2])
+for start, logged in ((0, lines), (1, [{"step": 2, "loss": 1.5}])):  # a run, then its resumption
+    logger = TrackioLogger()
+    logger.start({"learning_rate": 1e-4}, output, start)
+    for line in logged:
+        logger.log(line)
+    logger.finish()
+runs = SQLiteStorage.get_run_records("tunesmith")
+print("RESULT", json.dumps({
+    "names": [run["name"] for run in runs],
+    "logs": SQLiteStorage.get_logs("tunesmith", run_id=runs[0]["id"]),
+    "config": SQLiteStorage.get_run_config("tunesmith", output.name),
+}))
+"""
+
+
+def test_report_to_trackio_keeps_the_metrics_in_its_local_database_and_a_resumed_run_continues_it(tmp_path):
+    pytest.importorskip("trackio", reason="trackio is an optional extra (pip install 'tunesmith[trackio]')")
+    import os
+    import subprocess
+    import sys
+
+    # Trackio fixes its folder when first imported: a process of its own sees TRACKIO_DIR.
+    env = {**os.environ, "TRACKIO_DIR": str(tmp_path / "trackio")}
+    env.pop("TRACKIO_PROJECT", None)
+    env.pop("TRACKIO_SPACE_ID", None)
+    output = tmp_path / "my-run"
+    output.mkdir()
+    done = subprocess.run([sys.executable, "-c", TRACKIO_RUN, str(output), json.dumps(TRACKER_LINES)],
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    (result,) = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]  # among trackio's messages
+    found = json.loads(result.removeprefix("RESULT "))
+    assert found["names"] == ["my-run"]
+    assert found["config"]["learning_rate"] == 1e-4
+    logged = [(row["step"], key, row[key]) for row in found["logs"] for key in row if key not in ("step", "timestamp")]
+    expected = [(line["step"], key, value) for line in TRACKER_LINES + [{"step": 2, "loss": 1.5}]
+                for key, value in line.items() if key not in ("step", "device", "memory_peak_bytes")]
+    assert logged == expected

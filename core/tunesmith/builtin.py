@@ -106,6 +106,12 @@ def tunesmith_register_loggers():
             description="an MLflow run in OUTPUT/mlruns, or at MLFLOW_TRACKING_URI (pip install mlflow)",
             requires=("mlflow",),
         ),
+        LoggerSpec(
+            name="trackio",
+            logger="tunesmith.loggers.trackio:TrackioLogger",
+            description="a Trackio run in its local database (trackio show), or on TRACKIO_SPACE_ID (pip install trackio)",
+            requires=("trackio",),
+        ),
     ]
 
 

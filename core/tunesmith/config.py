@@ -120,7 +120,7 @@ class TrainConfig:
     # logging and checkpoints
     logging_steps: int = option(1, "Write a metrics line every N steps.", POSITIVE)
     report_to: tuple = option(
-        (), "Also send the metrics to this tracker: tensorboard, wandb, mlflow, a plugin's logger, all installed ones, or none; repeatable "
+        (), "Also send the metrics to this tracker: tensorboard, wandb, mlflow, trackio, a plugin's logger, all installed ones, or none; repeatable "
         "(OUTPUT/metrics.jsonl is always written).", multiple=True,
     )
     save_steps: int = option(100, "Write a checkpoint every N steps; 0 writes only the final result.", NON_NEGATIVE)

@@ -3,7 +3,7 @@
 Every line the training loop logs (a training step, an evaluation, a GRPO step with its
 per-reward scores) goes to each logger the run uses: the built-in ``jsonl`` logger
 (``OUTPUT/metrics.jsonl``, always on) plus those ``--report-to NAME`` chooses among the
-registered ones (``tensorboard``, ``wandb``, ``mlflow``, plugins' own; ``all`` for every one
+registered ones (``tensorboard``, ``wandb``, ``mlflow``, ``trackio``, plugins' own; ``all`` for every one
 whose package is installed, ``none`` for none, as TRL spells it). Only the first process of a run logs. A tracker's package is
 imported only when a run chooses it.
 """
