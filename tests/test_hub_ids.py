@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
+import sys
 
 import pytest
 
@@ -58,8 +60,28 @@ def test_a_missing_local_file_is_not_taken_for_an_id(tiny_model_dir, hub_cache, 
     assert "data/train.jsonl: no such file" in err
 
 
-@pytest.mark.skipif(__import__("importlib").util.find_spec("modelscope") is not None, reason="modelscope is installed here")
-def test_modelscope_without_its_package_says_what_to_install(tmp_path, capsys):
+def test_modelscope_without_its_package_says_what_to_install(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "modelscope", None)  # as if not installed
     assert run_cli("sft", "--hub", "modelscope", "--model", "qwen/Qwen2.5-0.5B", "--dataset", tmp_path / "x.jsonl",
                    "--output-dir", tmp_path / "run") != 0
     assert "pip install modelscope" in capsys.readouterr().err
+
+
+def test_training_through_modelscope_offline_from_its_cache(tiny_model_dir, hub_cache, tmp_path, monkeypatch, capsys):
+    pytest.importorskip("modelscope", reason="ModelScope support needs pip install modelscope")
+    cache = tmp_path / "modelscope"
+    monkeypatch.setenv("MODELSCOPE_CACHE", str(cache))
+    monkeypatch.setattr(socket.socket, "connect", lambda *args: pytest.fail(f"network attempt: {args}"))
+    shutil.copytree(tiny_model_dir, cache / "models" / "tiny-org" / "tiny-llama")  # ModelScope's cache layout
+    data = cache / "datasets" / "tiny-org" / "colours"
+    data.mkdir(parents=True)
+    (data / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in chat_rows(6)))
+
+    output = tmp_path / "run"
+    assert run_cli("sft", "--hub", "modelscope", "--model", "tiny-org/tiny-llama", "--dataset", "tiny-org/colours",
+                   "--output-dir", output, "--precision", "fp32", "--max-steps", "2", "--save-steps", "0") == 0
+    assert (output / "final" / "adapter_model.safetensors").is_file()
+    assert run_cli("sft", "--hub", "modelscope", "--model", "nobody/nothing", "--dataset", "tiny-org/colours",
+                   "--output-dir", tmp_path / "missing") != 0
+    err = capsys.readouterr().err
+    assert "nobody/nothing" in err and "ModelScope cache" in err and "HF_HUB_OFFLINE" in err

@@ -67,8 +67,20 @@ def dataset_files(repo_id: str, hub: str | None = None) -> list[Path]:
 
 
 def _from_modelscope(repo_id: str, kind: str) -> Path:
+    """Through ModelScope's own cache (``MODELSCOPE_CACHE``); offline (``HF_HUB_OFFLINE=1``, the
+    one switch for every hub) only what that cache holds, with no network attempt."""
     try:
         from modelscope import snapshot_download
     except ImportError:
         raise ConfigError("--hub modelscope needs the modelscope package: pip install modelscope") from None
-    return Path(snapshot_download(repo_id, repo_type=kind))
+    from huggingface_hub import constants
+
+    if not constants.HF_HUB_OFFLINE:
+        return Path(snapshot_download(repo_id, repo_type=kind))
+    try:
+        return Path(snapshot_download(repo_id, repo_type=kind, local_files_only=True))
+    except Exception as error:  # modelscope's error classes differ between its releases
+        option = "--model" if kind == "model" else "--dataset"
+        raise ConfigError(
+            f"{option} {repo_id}: not a local path, and not in the ModelScope cache while HF_HUB_OFFLINE is set ({error})"
+        ) from None
