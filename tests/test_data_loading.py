@@ -362,3 +362,13 @@ def test_csv_conversations_are_json_text_in_a_column(tmp_path):
     assert loaded.bad_rows == 1
     with pytest.raises(DataError, match=r"chats.csv:3: messages: looks like a JSON list of turns but does not parse"):
         load_examples([str(path)], seed=0, skip_bad_rows=False)
+
+
+def test_sft_points_out_plain_text_rows_once_since_they_train_on_every_token(tmp_path, tokenizer, capsys):
+    path = write_jsonl(tmp_path / "text.jsonl", [{"text": "plain"}, {"text": "more"}])
+    prepare_samples(SFTTrainer(tokenizer), load(path).examples, max_length=64, skip_bad_rows=False)
+    err = capsys.readouterr().err
+    assert err.count("note:") == 1 and f"{path}:1 and other plain text rows are trained on every token" in err
+    chats = write_jsonl(tmp_path / "chats.jsonl", [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}])
+    prepare_samples(SFTTrainer(tokenizer), load(chats).examples, max_length=64, skip_bad_rows=False)
+    assert "note:" not in capsys.readouterr().err

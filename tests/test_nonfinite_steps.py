@@ -96,3 +96,26 @@ def test_fp16_overflow_is_skipped_without_counting_as_a_bad_step(tmp_path, tiny_
     lines = read_metrics(output)
     assert [line["skipped_steps"] for line in lines] == [0, 1, 2, 2]
     assert all(isinstance(line["loss"], float) for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("losses", "said"),
+    [([1.27, 10.8], True), ([2.0, 1.1], False), ([2.0, 2.4], False), ([0.01, 0.2], False), ([-0.1, 0.6], False), ([1.5], False)],
+)
+def test_a_run_whose_loss_rose_well_above_its_start_ends_with_a_learning_rate_hint(losses, said):
+    from tunesmith.engine import rising_loss_hint
+
+    hint = rising_loss_hint(losses, 1e3)
+    assert bool(hint) == said
+    if said:
+        assert "rose from 1.2700 to 10.8000" in hint and "--learning-rate too high (1000)" in hint
+
+
+def tripled_loss(loss, model):
+    return loss * 3
+
+
+def test_a_run_whose_last_logged_loss_is_well_above_its_first_ends_with_the_hint(tmp_path, tiny_model_dir, capsys):
+    output = run(tmp_path, tiny_model_dir, tripled_loss, steps={3}, max_steps=3)
+    first, _, last = (line["loss"] for line in read_metrics(output))
+    assert f"note: the training loss rose from {first:.4f} to {last:.4f}" in capsys.readouterr().out

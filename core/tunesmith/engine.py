@@ -203,6 +203,7 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
 
     interval_tokens, interval_start = 0, time.perf_counter()
     step_metrics: dict[str, float] = {}  # what the source measured making steps since the last logged one
+    logged_losses: list[float] = []  # the first and the latest finite logged loss
     if loop.step >= total_steps:
         say(f"nothing left to train: {loop.step} of {total_steps} steps were done already; writing the result again")
     progress = StepProgress(console, trainer_name, total_steps, loop.step, scheduler.get_last_lr()[0], enabled=strategy.is_global_zero)
@@ -252,6 +253,8 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
                     **logged,
                 }
                 step_metrics = {}
+                if math.isfinite(loss):
+                    logged_losses[1:] = [loss]
                 loggers.log(record)
                 progress.logged(loop.step, loss, record["learning_rate"], tokens_per_second)
                 interval_tokens, interval_start = 0, time.perf_counter()
@@ -278,7 +281,24 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
     with advice_on_storage_errors(output_dir, config.save_total_limit):
         strategy.save_final(final_dir, model, tokenizer)
     say(f"done: {loop.step} steps; result in {final_dir}")
+    hint = rising_loss_hint(logged_losses, config.learning_rate)
+    if hint:
+        say(hint)
     return RunResult(output_dir, final_dir, loop.step, device.name, plan.precision)
+
+
+def rising_loss_hint(losses: list[float], learning_rate: float) -> str | None:
+    """A word when a run ends with its loss well above where it began (the first and last
+    logged), the mark of a learning rate too high; small swings (an RL loss near 0) say nothing."""
+    if len(losses) < 2:
+        return None
+    first, last = losses
+    if first <= 0 or last < 1.5 * first or last - first < 0.5:
+        return None
+    return (
+        f"note: the training loss rose from {first:.4f} to {last:.4f}: a --learning-rate too high ({learning_rate:g}) "
+        "is the usual cause; fine-tuning takes about 1e-5 to 1e-3 (LoRA at the top of that range)"
+    )
 
 
 def frozen_weights_dtype(adapter: str, precision: str, strategy: Strategy) -> torch.dtype:
