@@ -34,7 +34,9 @@ from typing import Any
 from tunesmith.errors import ConfigError
 
 if importlib.util.find_spec("lm_eval") is None:
-    raise ConfigError("running lm-evaluation-harness tasks needs the lm-eval package, which is not installed: pip install 'tunesmith[lm-eval]'")
+    raise ConfigError(
+        "running lm-evaluation-harness tasks needs the lm-eval package, which is not installed: pip install 'tunesmith[lm-eval]'"
+    )
 
 # lm-eval imports its built-in model types only when it looks one up in an empty registry;
 # registering ours first would otherwise leave `hf` and the rest unknown.
@@ -66,7 +68,14 @@ class TunesmithLM(TemplateLM):
     generation length of a task that sets no ``max_gen_toks``.
     """
 
-    def __init__(self, model, tokenizer, batch_size: int | str = DEFAULT_BATCH_SIZE, max_length: int | None = None, max_new_tokens: int = 256):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        batch_size: int | str = DEFAULT_BATCH_SIZE,
+        max_length: int | None = None,
+        max_new_tokens: int = 256,
+    ):
         super().__init__()
         self.model, self.tokenizer = model, tokenizer
         self.batch_size = _whole_number("batch_size", batch_size)
@@ -102,19 +111,27 @@ class TunesmithLM(TemplateLM):
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> TunesmithLM:
-        """What ``--model_args model=M,adapter=DIR`` builds (lm-eval's ``batch_size`` and ``device`` added)."""
+        """What ``--model_args model=M,adapter=DIR`` builds."""
         from lm_eval.utils import simple_parse_args_string
 
         return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
     @classmethod
     def create_from_arg_obj(cls, arg_dict: dict[str, Any], additional_config: dict | None = None) -> TunesmithLM:
-        """What ``--model_args`` given as a mapping builds, with lm-eval's own options that are set."""
-        arguments = {**arg_dict, **{key: value for key, value in (additional_config or {}).items() if value is not None}}
+        """What ``--model_args`` given as a mapping builds, with lm-eval's ``--batch_size`` unless they set one.
+
+        lm-eval's ``--device`` is not used: its command line passes ``cuda:0`` when not told
+        otherwise, and the device is chosen as every tunesmith command chooses it (``device``
+        in ``--model_args``, by default ``auto``).
+        """
+        batch_size = (additional_config or {}).get("batch_size")
+        arguments = {**({"batch_size": batch_size} if batch_size is not None else {}), **arg_dict}
         accepted = inspect.signature(cls.load).parameters
         unknown = sorted(set(arguments) - set(accepted))
         if unknown:
-            raise ConfigError(f"--model_args {', '.join(unknown)}: not taken by the tunesmith model; it takes {', '.join(accepted)}")
+            raise ConfigError(
+                f"--model_args {', '.join(unknown)}: not taken by the tunesmith model; it takes {', '.join(accepted)}"
+            )
         return cls.load(**arguments)
 
     @property
@@ -151,7 +168,9 @@ class TunesmithLM(TemplateLM):
         windows, owners = [], []
         for index, request in enumerate(requests):
             (text,) = request.args
-            for window in get_rolling_token_windows(self.tok_encode(text), self.prefix_token_id, self.max_length - 1, context_len=1):
+            for window in get_rolling_token_windows(
+                self.tok_encode(text), self.prefix_token_id, self.max_length - 1, context_len=1
+            ):
                 windows.append(make_disjoint_window(window))
                 owners.append(index)
         logps: list[list[float]] = [[] for _ in requests]
@@ -174,7 +193,9 @@ class TunesmithLM(TemplateLM):
             for start in range(0, len(indices), self.batch_size):
                 chunk = indices[start : start + self.batch_size]
                 prompts = [(self.tok_encode(requests[i].args[0]) or [self.prefix_token_id])[-room:] for i in chunk]
-                for i, completion in zip(chunk, generate_batch(self.model, self.tokenizer, prompts, options, stop_strings=until), strict=True):
+                for i, completion in zip(
+                    chunk, generate_batch(self.model, self.tokenizer, prompts, options, stop_strings=until), strict=True
+                ):
                     replies[i] = completion.text
                     self.cache_hook.add_partial("generate_until", requests[i].args, completion.text)
         return replies
