@@ -5,7 +5,7 @@ Importing this module registers :class:`TunesmithLM` with lm-eval (0.4.x) as the
 outside it fills unless imported, so ``python -m tunesmith.lm_eval`` is lm-eval's command
 line with this module imported first::
 
-    python -m tunesmith.lm_eval run --model tunesmith --model_args model=smollm2-135m adapter=runs/sft/final \\
+    python -m tunesmith.lm_eval run --model tunesmith --model_args model=smollm2-135m,adapter=runs/sft/final \\
         --tasks my_task --include_path my_tasks/
 
 and ``tunesmith eval --lm-eval-tasks`` runs lm-eval's tasks with the model it loaded
