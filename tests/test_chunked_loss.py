@@ -122,6 +122,22 @@ def test_tempered_logps_and_entropy_for_rl_equal_the_plain_ones(tiny_model_dir, 
     assert_same((scored.logps.exp() * weights).sum(), (plain.exp() * weights).sum(), chunked_model, plain_model)
 
 
+def test_greedy_flags_mark_the_targets_that_are_the_likeliest_tokens(tiny_model_dir, batches):
+    batch = dict(batches["sft"])
+    model = load(tiny_model_dir, False)
+    with torch.no_grad():
+        likeliest = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits.argmax(dim=-1)
+    # Every other target made the likeliest token, so the flags are neither all False nor all True.
+    trained = batch["targets"] != IGNORE_INDEX
+    targets = batch["targets"].clone()
+    chosen = trained & (torch.arange(targets.numel()).view_as(targets) % 2 == 0)
+    targets[chosen] = likeliest[chosen]
+    batch["targets"] = targets
+    expected = (targets == likeliest)[trained]
+    assert expected.any() and not expected.all()
+    assert torch.equal(target_logps(model, batch, greedy=True).greedy, expected)
+
+
 class VocabularyShapes(TorchDispatchMode):
     """Every tensor an operation produces whose last dimension is the vocabulary."""
 

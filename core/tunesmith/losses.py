@@ -37,16 +37,20 @@ class TargetLogps:
     logps: torch.Tensor
     #: each position's entropy of the (tempered) next-token distribution, without gradient; None unless asked for
     entropy: torch.Tensor | None = None
+    #: whether each target is the likeliest next token (what greedy decoding picks); None unless asked for
+    greedy: torch.Tensor | None = None
 
 
-def target_logps(model: torch.nn.Module, batch: dict[str, Any], temperature: float = 1.0, entropy: bool = False) -> TargetLogps:
+def target_logps(
+    model: torch.nn.Module, batch: dict[str, Any], temperature: float = 1.0, entropy: bool = False, greedy: bool = False
+) -> TargetLogps:
     """Log-probability of every target token under ``softmax(logits / temperature)``, in fp32, (T,)."""
     targets = batch["targets"]
     trained = targets != IGNORE_INDEX
     head = _output_head(model)
     chunked = getattr(head, "_tunesmith_chunked", None)
     if head is not None and chunked is not False:
-        scorer = _ChunkedScorer(trained, targets[trained], temperature, entropy, _vocab_size(model))
+        scorer = _ChunkedScorer(trained, targets[trained], temperature, entropy, greedy, _vocab_size(model))
         with _scoring_head(head, scorer):
             logps = _forward(model, batch).logits
         if chunked is None:
@@ -55,10 +59,10 @@ def target_logps(model: torch.nn.Module, batch: dict[str, Any], temperature: flo
             # scored the plain way from now on.
             chunked = head._tunesmith_chunked = logps.shape == scorer.result.shape and torch.allclose(logps, scorer.result, rtol=0, atol=0, equal_nan=True)
         if chunked:
-            return TargetLogps(logps, scorer.entropy)
+            return TargetLogps(logps, scorer.entropy, scorer.greedy)
     logits = _at_least_fp32(_forward(model, batch).logits[trained]) / temperature
     logps = -F.cross_entropy(logits, targets[trained], reduction="none")
-    return TargetLogps(logps, _entropy(logits) if entropy else None)
+    return TargetLogps(logps, _entropy(logits) if entropy else None, _greedy(logits, targets[trained]) if greedy else None)
 
 
 def causal_lm_loss(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
@@ -90,36 +94,39 @@ def per_token_losses(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Ten
 class _ChunkedScorer:
     """Stands in for the head's forward: scores the target positions of its input, chunk by chunk."""
 
-    def __init__(self, trained: torch.Tensor, targets: torch.Tensor, temperature: float, entropy: bool, vocab_size: int):
+    def __init__(self, trained: torch.Tensor, targets: torch.Tensor, temperature: float, entropy: bool, greedy: bool, vocab_size: int):
         self.trained, self.targets = trained, targets
-        self.temperature, self.want_entropy = temperature, entropy
+        self.temperature, self.want_entropy, self.want_greedy = temperature, entropy, greedy
         self.chunk_tokens = max(1, CHUNK_ELEMENTS // vocab_size)
         self.result: torch.Tensor | None = None
         self.entropy: torch.Tensor | None = None
+        self.greedy: torch.Tensor | None = None
 
     def __call__(self, head_forward: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
         hidden = hidden[self.trained.to(hidden.device)]
         targets = self.targets.to(hidden.device)
         recompute = torch.is_grad_enabled() and hidden.requires_grad
-        logps, entropies = [], []
+        logps, entropies, greedy = [], [], []
         # At least one chunk, also of no tokens, so the head's weights always take part in the
         # graph (DDP expects a gradient, even a zero one, for every parameter).
         for start in range(0, max(len(hidden), 1), self.chunk_tokens):
             piece = (head_forward, hidden[start : start + self.chunk_tokens], targets[start : start + self.chunk_tokens])
             if recompute:
-                chunk_logps, chunk_entropy = checkpoint(self._score, *piece, use_reentrant=False)
+                chunk_logps, chunk_entropy, chunk_greedy = checkpoint(self._score, *piece, use_reentrant=False)
             else:
-                chunk_logps, chunk_entropy = self._score(*piece)
+                chunk_logps, chunk_entropy, chunk_greedy = self._score(*piece)
             logps.append(chunk_logps)
             entropies.append(chunk_entropy)
+            greedy.append(chunk_greedy)
         self.result = torch.cat(logps)
         self.entropy = torch.cat(entropies) if self.want_entropy else None
+        self.greedy = torch.cat(greedy) if self.want_greedy else None
         return self.result
 
-    def _score(self, head_forward, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _score(self, head_forward, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         logits = _at_least_fp32(head_forward(hidden)) / self.temperature
         logps = -F.cross_entropy(logits, targets, reduction="none")
-        return logps, _entropy(logits) if self.want_entropy else None
+        return logps, _entropy(logits) if self.want_entropy else None, _greedy(logits, targets) if self.want_greedy else None
 
 
 def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
@@ -131,6 +138,10 @@ def _entropy(logits: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         log_probs = torch.log_softmax(logits, dim=-1)
         return -(log_probs.exp() * log_probs).sum(dim=-1)
+
+
+def _greedy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return logits.argmax(dim=-1) == targets
 
 
 @contextmanager

@@ -1,4 +1,5 @@
-"""``tunesmith eval``: perplexity and generation metrics of a model, optionally with an adapter, on a dataset."""
+"""``tunesmith eval``: perplexity and generation metrics of a model, optionally with an adapter, on a dataset,
+and lm-evaluation-harness tasks run with the same model."""
 
 from __future__ import annotations
 
@@ -20,14 +21,23 @@ from tunesmith.records import PRECISION_NAMES
 )
 @click.option("--adapter", default=None, show_default="none", help="peft adapter folder to apply (OUTPUT/final or OUTPUT/checkpoint-N).")
 @click.option(
-    "--dataset", required=True, type=click.Path(path_type=Path),
-    help="Rows to evaluate on. perplexity: any sft/pt format; the others: 'messages' (ending in a user turn or the "
+    "--dataset", default=None, type=click.Path(path_type=Path),
+    help="Rows to evaluate on with --metric. perplexity: any sft/pt format; the others: 'messages' (ending in a user turn or the "
     "reference reply) or 'prompt', with an 'answer' or 'reference' column where the reply is not in the row.",
 )
 @click.option(
-    "--metric", "metrics", multiple=True, required=True,
+    "--metric", "metrics", multiple=True,
     help="Repeatable: perplexity, exact_match, bleu, rouge, or reward:NAME (NAME as --reward takes it: "
     "a registered reward, module:function or rm:PATH).",
+)
+@click.option(
+    "--lm-eval-tasks", default=None, show_default="none",
+    help="lm-evaluation-harness tasks to run with the model, comma-separated names or glob patterns "
+    "(pip install 'tunesmith[lm-eval]'). Generation follows each task's generation_kwargs.",
+)
+@click.option(
+    "--lm-eval-include", multiple=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="Repeatable: a folder of lm-eval task YAML files for --lm-eval-tasks, searched before lm-eval's built-in tasks.",
 )
 @click.option("--output", default=None, type=click.Path(path_type=Path), show_default="none: print only", help="JSON file to write the results to.")
 @click.option(
@@ -36,7 +46,9 @@ from tunesmith.records import PRECISION_NAMES
     "running the command again resumes it and regenerates nothing already there.",
 )
 @click.option("--batch-size", default=8, type=click.IntRange(min=1), help="Rows in one forward pass or one generation batch.")
-@click.option("--max-new-tokens", default=256, type=click.IntRange(min=1), help="Most tokens to generate per reply.")
+@click.option(
+    "--max-new-tokens", default=256, type=click.IntRange(min=1), help="Most tokens to generate per reply (lm-eval: where a task's generation_kwargs give no max_gen_toks)."
+)
 @click.option("--temperature", default=0.0, type=click.FloatRange(min=0.0), help="Sampling temperature; 0 is greedy.")
 @click.option("--top-p", default=1.0, type=click.FloatRange(min=0.0, max=1.0, min_open=True), help="Nucleus sampling; 1.0 is off.")
 @click.option("--top-k", default=0, type=click.IntRange(min=0), help="Sample among the k likeliest tokens; 0 is off.")
@@ -52,10 +64,11 @@ from tunesmith.records import PRECISION_NAMES
     help="Weights and compute in this precision; auto picks the device's fastest native one.",
 )
 def eval_command(
-    model, adapter, dataset, metrics, output, predictions, batch_size, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, trust_remote_code,
+    model, adapter, dataset, metrics, lm_eval_tasks, lm_eval_include, output, predictions, batch_size, max_new_tokens, temperature, top_p, top_k, repetition_penalty, seed, trust_remote_code,
     device, precision,
 ):
-    """Evaluate a model on a dataset: perplexity, or metrics of its replies against references or by reward functions.
+    """Evaluate a model on a dataset: perplexity, or metrics of its replies against references or by reward functions;
+    and on lm-evaluation-harness tasks.
 
     Perplexity is token-weighted over the file: assistant tokens of conversations, every token
     of plain text. Replies are generated once, in batches, for all the generation metrics.
@@ -67,6 +80,7 @@ def eval_command(
     from tunesmith.rewards import load_rewards
     from tunesmith.runtime import select_runtime
 
+    tasks = _check_what_to_evaluate(dataset, metrics, lm_eval_tasks, lm_eval_include)
     evaluation.check_metrics(metrics)
     evaluation.check_libraries(metrics)
     if predictions is not None and not evaluation.needs_generation(metrics):
@@ -84,6 +98,10 @@ def eval_command(
         click.echo(f"base model: {model_name}", err=True)
     click.echo(runtime.describe(), err=True)
     rows = _generation_rows(dataset, metrics, rewards) if evaluation.needs_generation(metrics) else []
+    if tasks:
+        from tunesmith.lm_eval import TunesmithLM, find_tasks, run_tasks
+
+        task_manager, task_names = find_tasks(tasks, list(lm_eval_include))
     loaded, tokenizer = models.load_for_inference(model_name, runtime, adapter_path, trust_remote_code)
 
     results: dict = {}
@@ -105,14 +123,31 @@ def eval_command(
     summary = {
         "model": model_name,
         "adapter": str(adapter_path) if adapter_path is not None else None,
-        "dataset": str(dataset),
+        "dataset": str(dataset) if dataset is not None else None,
         "generation": dataclasses.asdict(options),
         "metrics": {metric: results[metric] for metric in metrics},
     }
-    _print_table(summary["metrics"])
+    if tasks:
+        harness = TunesmithLM(loaded, tokenizer, batch_size=batch_size, max_new_tokens=max_new_tokens)
+        summary["lm_eval"] = {"tasks": task_names, **run_tasks(harness, task_manager, task_names)}
+    _print_table(summary["metrics"], summary.get("lm_eval", {}).get("results", {}))
     if output is not None:
         evaluation.write_results(output, summary)
         click.echo(f"results written to {output}")
+
+
+def _check_what_to_evaluate(dataset: Path | None, metrics, lm_eval_tasks: str | None, lm_eval_include) -> list[str]:
+    """Refuse options that leave nothing to evaluate or that miss their partner; the lm-eval task names."""
+    tasks = [task.strip() for task in (lm_eval_tasks or "").split(",") if task.strip()]
+    if not metrics and not tasks:
+        raise click.UsageError("nothing to evaluate: give --dataset with --metric, --lm-eval-tasks, or both")
+    if metrics and dataset is None:
+        raise click.UsageError("--metric needs --dataset: the rows to evaluate on")
+    if dataset is not None and not metrics:
+        raise click.UsageError("--dataset is evaluated with --metric: give at least one (perplexity, exact_match, ...)")
+    if lm_eval_include and not tasks:
+        raise click.UsageError("--lm-eval-include holds task files for --lm-eval-tasks: give the tasks to run")
+    return tasks
 
 
 def _generation_rows(dataset: Path, metrics, rewards):
@@ -152,7 +187,7 @@ def _generate(model, tokenizer, rows, options, batch_size: int, predictions: Pat
         return replies
 
 
-def _print_table(results: dict) -> None:
+def _print_table(results: dict, lm_eval_results: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -173,4 +208,13 @@ def _print_table(results: dict) -> None:
         else:
             mean = "n/a" if values["mean"] is None else f"{values['mean']:.4f}"
             table.add_row(metric, mean, f"mean of {values['scored']} scored; {values['unscored']} unscored")
+    for task, values in lm_eval_results.items():
+        # lm-eval names each value "METRIC,FILTER", with its standard error as "METRIC_stderr,FILTER".
+        for key, value in values.items():
+            metric, _, filter_name = key.partition(",")
+            if not filter_name or metric.endswith("_stderr") or not isinstance(value, (int, float)):
+                continue
+            stderr = values.get(f"{metric}_stderr,{filter_name}")
+            detail = "lm-eval" + (f", stderr {stderr:.4f}" if isinstance(stderr, float) else "") + ("" if filter_name == "none" else f", filter {filter_name}")
+            table.add_row(f"{task} {metric}", f"{value:.4f}", detail)
     Console().print(table)
