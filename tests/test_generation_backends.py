@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from tests.helpers import cpu_device, run_cli
 from tunesmith.errors import ConfigError, PluginError
 from tunesmith.generation import GenerationOptions, generate_batch
-from tunesmith.generation_backend import GenerationBackend, TransformersBackend, create_generation_backend
+from tunesmith.generation_backend import GenerationBackend, MergedLoRABackend, TransformersBackend, create_generation_backend
 from tunesmith.hooks import hookimpl
 from tunesmith.plugins import create_plugin_manager
 from tunesmith.records import GenerationBackendSpec
@@ -69,13 +69,13 @@ def test_a_plugin_backend_is_chosen_by_name_and_made_for_the_model():
 
 def test_asking_for_a_missing_backend_lists_the_installed_ones():
     manager = manager_with(GenerationBackendSpec("echo", EchoBackend))
-    with pytest.raises(PluginError, match=r"no generation backend named 'vllm' is installed; installed: echo, transformers"):
+    with pytest.raises(PluginError, match=r"no generation backend named 'vllm' is installed; installed: echo, merged, transformers"):
         create_generation_backend(manager, "vllm", None, None, cpu_device())
 
 
 def test_a_backend_for_other_devices_is_refused_naming_those_that_fit():
     manager = manager_with(GenerationBackendSpec("gpu-only", EchoBackend, devices=("cuda",)))
-    with pytest.raises(ConfigError, match=r"'gpu-only' runs on cuda, not on device 'cpu'; backends for cpu: transformers"):
+    with pytest.raises(ConfigError, match=r"'gpu-only' runs on cuda, not on device 'cpu'; backends for cpu: merged, transformers"):
         create_generation_backend(manager, "gpu-only", None, None, cpu_device())
 
 
@@ -84,7 +84,7 @@ def test_a_dotted_path_is_imported_only_when_chosen_and_must_name_a_backend():
         GenerationBackendSpec("missing", "no_such_engine.backend:Backend"),
         GenerationBackendSpec("not-a-backend", "collections:OrderedDict"),
     )
-    assert set(manager.collect("generation backend")) == {"missing", "not-a-backend", "transformers"}
+    assert set(manager.collect("generation backend")) == {"missing", "not-a-backend", "merged", "transformers"}
     with pytest.raises(PluginError, match=r"'missing' from plugin backends \(distribution backends-dist\) could not be imported"):
         create_generation_backend(manager, "missing", None, None, cpu_device())
     with pytest.raises(PluginError, match="not a tunesmith.generation_backend.GenerationBackend subclass"):
@@ -112,3 +112,43 @@ def test_the_transformers_backend_generates_as_generate_batch(tiny_model_dir):
     assert completions == expected
     backend.sync_weights(model)
     assert backend.model is model
+
+
+def lora_policy(model_dir, **lora):
+    """A peft LoRA model whose adapters already moved away from their zero start."""
+    from peft import LoraConfig, get_peft_model
+
+    policy = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir), LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0, **lora))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, parameter in policy.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(std=0.05)
+    return policy
+
+
+def test_the_merged_backend_generates_with_the_policy_s_current_weights(talkative_model_dir):
+    policy = lora_policy(talkative_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(talkative_model_dir)
+    backend = create_generation_backend(create_plugin_manager(), "auto", policy, tokenizer, cpu_device())
+    assert isinstance(backend, MergedLoRABackend)
+    prompts, greedy, ids = [[1, 20, 300], [1, 4000]], GenerationOptions(max_new_tokens=6), torch.tensor([[1, 20, 300, 7, 9]])
+    for _ in range(2):
+        completions = backend.generate(prompts, greedy)
+        assert [c.token_ids for c in completions] == [c.token_ids for c in generate_batch(policy, tokenizer, prompts, greedy)]
+        with torch.no_grad():
+            torch.testing.assert_close(backend.merged(ids).logits, policy(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+            for name, parameter in policy.named_parameters():  # an optimizer update
+                if "lora_" in name:
+                    parameter.add_(torch.randn_like(parameter), alpha=0.05)
+        backend.sync_weights(policy)
+
+
+def test_auto_generates_with_the_model_itself_where_there_is_nothing_to_merge(tiny_model_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    full = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert type(create_generation_backend(create_plugin_manager(), "auto", full, tokenizer, cpu_device())) is TransformersBackend
+    dora = lora_policy(tiny_model_dir, use_dora=True)
+    assert type(create_generation_backend(create_plugin_manager(), "auto", dora, tokenizer, cpu_device())) is TransformersBackend
+    with pytest.raises(ConfigError, match="'merged': DoRA adapters are not merged by this backend; use --generation-backend transformers"):
+        create_generation_backend(create_plugin_manager(), "merged", dora, tokenizer, cpu_device())

@@ -80,7 +80,12 @@ def tunesmith_register_generation_backends():
             name="transformers",
             backend="tunesmith.generation_backend:TransformersBackend",
             description="generates with the training model itself, batched, with a KV cache",
-        )
+        ),
+        GenerationBackendSpec(
+            name="merged",
+            backend="tunesmith.generation_backend:MergedLoRABackend",
+            description="generates with a copy of a LoRA policy, adapters merged into its weights: faster, the model's memory once more",
+        ),
     ]
 
 

@@ -5,11 +5,13 @@ them. The built-in ``transformers`` backend generates with the training model it
 (:func:`tunesmith.generation.generate_batch`); a plugin may register a faster engine, such as
 vLLM on CUDA, that keeps its own copy of the weights and reloads them after each update.
 Backends are registered with ``tunesmith_register_generation_backends`` and chosen by name
-with :func:`create_generation_backend`.
+with :func:`create_generation_backend`; ``auto`` picks the built-in ``merged`` backend for a
+LoRA policy held whole by each process, else ``transformers``.
 """
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -25,6 +27,8 @@ if TYPE_CHECKING:
 
 #: the backend a trainer uses unless told otherwise; it runs on every device
 DEFAULT_GENERATION_BACKEND = "transformers"
+#: the backend name that picks ``merged`` where it applies (:func:`can_merge_adapters`), else the default
+AUTO = "auto"
 
 
 class GenerationBackend(ABC):
@@ -93,12 +97,95 @@ class TransformersBackend(GenerationBackend):
         self.model = model
 
 
+class MergedLoRABackend(GenerationBackend):
+    """Generates with a copy of the policy whose LoRA adapters are merged into its weights.
+
+    A decode step of a small batch is many small operations, and an unmerged adapter adds
+    several to every adapted layer; merged, each layer is one matrix product again (on a CPU,
+    LoRA rollouts of SmolLM2-135M run about twice as fast). The copy costs the memory of the
+    model once more. Before a generation after the policy changed, each adapted weight of the
+    copy is set to the policy's frozen weight plus its adapter's product (summed in fp32, then
+    stored in the weight's dtype), so the copy always generates with the current policy.
+    """
+
+    def __init__(self, model: Any, tokenizer: Any, device: Device):
+        super().__init__(model, tokenizer, device)
+        reason = _why_not_mergeable(model)
+        if reason:
+            raise ConfigError(f"generation backend 'merged': {reason}; use --generation-backend transformers")
+        self.merged = copy.deepcopy(model).merge_and_unload()
+        self.stale = True
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        options: GenerationOptions,
+        *,
+        num_return_sequences: int = 1,
+        generator: torch.Generator | None = None,
+        stop_strings: Sequence[str] = (),
+        all_finished: Callable[[bool], bool] | None = None,
+    ) -> list[Completion]:
+        from tunesmith.generation import generate_batch
+
+        if self.stale:
+            self._merge()
+        return generate_batch(
+            self.merged, self.tokenizer, prompts, options,
+            num_return_sequences=num_return_sequences, generator=generator, stop_strings=stop_strings,
+        )
+
+    def sync_weights(self, model: Any) -> None:
+        self.model, self.stale = model, True
+
+    def _merge(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            for name, layer in _lora_layers(self.model):
+                target = self.merged.get_submodule(name).weight
+                delta = sum(layer.get_delta_weight(adapter).float() for adapter in layer.active_adapters)
+                target.copy_(layer.get_base_layer().weight.float() + delta)
+        self.stale = False
+
+
+def can_merge_adapters(model: Any) -> bool:
+    """Whether :class:`MergedLoRABackend` can generate for ``model`` (an unwrapped policy)."""
+    return not _why_not_mergeable(model)
+
+
+def _lora_layers(model: Any) -> list[tuple[str, Any]]:
+    """The peft LoRA layers of ``model``, by their names in the model without peft's wrapper."""
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+
+    if not isinstance(model, PeftModel):
+        return []
+    return [(name, module) for name, module in model.get_base_model().named_modules() if isinstance(module, LoraLayer)]
+
+
+def _why_not_mergeable(model: Any) -> str | None:
+    layers = _lora_layers(model)
+    if not layers:
+        return "the policy has no LoRA adapter to merge"
+    if any(any(layer.use_dora.get(adapter, False) for adapter in layer.active_adapters) for _, layer in layers):
+        return "DoRA adapters are not merged by this backend"
+    adapter_parameters = {id(p) for _, layer in layers for p in [*layer.lora_A.parameters(), *layer.lora_B.parameters()]}
+    if any(p.requires_grad and id(p) not in adapter_parameters for p in model.parameters()):
+        return "the policy trains weights besides its LoRA adapters (modules_to_save), which the copy would not follow"
+    if any(type(p).__name__ == "DTensor" or p.numel() == 0 for p in model.parameters()):
+        return "the policy's weights are sharded across processes (fsdp, zero3); it needs them whole in each process"
+    return None
+
+
 def create_generation_backend(manager: PluginManager, name: str, model: Any, tokenizer: Any, device: Device) -> GenerationBackend:
     """The registered backend ``name``, made for ``model`` on ``device``.
 
     Fails, listing what would work, when no backend has that name or it does not run on
     ``device``; an import failure names the plugin that registered it.
     """
+    if name == AUTO:
+        name = "merged" if can_merge_adapters(model) else DEFAULT_GENERATION_BACKEND
     registered = manager.get("generation backend", name)
     devices = registered.spec.devices
     if devices and device.name not in devices:

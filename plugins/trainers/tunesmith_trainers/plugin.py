@@ -32,7 +32,11 @@ GRPO_OPTIONS = (
     OptionSpec("kl_bias_correction", True, "Weight the KL penalty's tokens by the probability ratio, for an unbiased reverse-KL gradient (as TRL does by default)."),
     OptionSpec("num_iterations", 1, "Policy updates per generation of completions (mu in the GRPO paper).", click.IntRange(min=1)),
     OptionSpec("ref_model", "", "A model folder to use as the reference instead of the starting weights (with --beta above 0)."),
-    OptionSpec("generation_backend", "transformers", "What generates the completions: an installed generation backend (tunesmith plugins lists them)."),
+    OptionSpec(
+        "generation_backend", "auto",
+        "What generates the completions: an installed generation backend (tunesmith plugins lists them); auto takes merged "
+        "for a LoRA policy held whole by each process (a merged copy: faster, the model's memory once more), else transformers.",
+    ),
 )
 
 
