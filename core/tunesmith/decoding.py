@@ -159,7 +159,6 @@ class DecodeBatch:
 
     def _empty(self) -> None:
         self.rows: list[Row] = []
-        self._prompts: list[list[int]] = []
         self._options: list[GenerationOptions] = []
         self._generators: list[torch.Generator | None] = []
         self._groups: list = []
@@ -208,10 +207,11 @@ class DecodeBatch:
             joining = [list(prompt) for prompt, count in zip(prompts, copies) for _ in range(count)]
             seen = _seen_tokens(joining, logits.shape[-1], self._device)
             if self.rows:
-                seen = torch.cat([self._seen if self._seen is not None else self._seen_so_far(logits.shape[-1]), seen])
+                # Rows that ran without seen tokens have no repetition penalty, so theirs are never read.
+                earlier = self._seen if self._seen is not None else seen.new_zeros((len(self.rows), seen.shape[1]))
+                seen = torch.cat([earlier, seen])
             self._seen = seen
-        for prompt, option, generator, count in zip(prompts, options, generators, copies):
-            self._prompts += [list(prompt)] * count
+        for option, generator, count in zip(options, generators, copies):
             self._options += [option] * count
             self._generators += [generator] * count
         new_rows = [Row([]) for _ in range(sum(copies))]
@@ -270,7 +270,7 @@ class DecodeBatch:
             self._logits = self._logits[index]
         if self._seen is not None:
             self._seen = self._seen[index]
-        for name in ("rows", "_prompts", "_options", "_generators"):
+        for name in ("rows", "_options", "_generators"):
             setattr(self, name, [getattr(self, name)[i] for i in kept])
         self._groups = _sampling_groups(self._options, self._generators, self._device)
         if self.joinable:
@@ -292,11 +292,6 @@ class DecodeBatch:
         self._attention_mask = self._attention_mask[:, first:]
         for layer in self._cache.layers:
             layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
-
-    def _seen_so_far(self, vocabulary_size: int) -> torch.Tensor:
-        """The tokens each running row has in its prompt or has generated, for the repetition penalty."""
-        so_far = [prompt + row.token_ids for prompt, row in zip(self._prompts, self.rows)]
-        return _seen_tokens(so_far, vocabulary_size, self._device)
 
 
 def decode(
