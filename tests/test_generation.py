@@ -147,6 +147,36 @@ def test_per_prompt_options_and_generators_sample_each_prompt_as_it_would_alone(
     assert together[1].logprobs[0] == pytest.approx(first_logprobs[together[1].token_ids[0]].item())
 
 
+def test_rows_that_join_and_leave_a_running_batch_decode_as_they_would_alone(model, tokenizer, prompts):
+    """What continuous batching relies on: a prompt added while others run (its cache padded on
+    the left to theirs, or theirs to its), and rows dropped when they end, change no other row."""
+    from tunesmith.decoding import DecodeBatch, decode, generation_mode
+
+    options = [GREEDY, SAMPLED, GenerationOptions(max_new_tokens=6, temperature=1.5, top_p=0.5)]
+    special = {"pad_token_id": tokenizer.pad_token_id, "stop_token_ids": [tokenizer.eos_token_id]}
+    # A short greedy prompt; a longer one with a repetition penalty; a shorter one, once the batch is wide.
+    joins_at_step = {0: [0], 2: [1], 5: [2]}
+    with generation_mode(model):
+        alone = [
+            list(decode(model, [prompt], options[i], generator=seeded(i), num_return_sequences=2, **special))[-1]
+            for i, prompt in enumerate(prompts)
+        ]
+        batch = DecodeBatch(model, **special)
+        running, step = {}, 0
+        while step in joins_at_step or batch.rows:
+            for i in joins_at_step.get(step, []):
+                running[i] = batch.add([prompts[i]], [options[i]], [seeded(i)], [2])
+            batch.step()
+            step += 1
+            for i in [i for i, rows in running.items() if all(row.finish_reason for row in rows)]:
+                rows = running.pop(i)
+                assert [row.token_ids for row in rows] == [row.token_ids for row in alone[i]], f"prompt {i}"
+                for row, row_alone in zip(rows, alone[i]):
+                    assert row.logprobs == pytest.approx(row_alone.logprobs)
+                batch.drop(rows)
+    assert not running and step == 12
+
+
 def test_stop_strings_and_stop_tokens_end_their_rows_only(model, tokenizer, prompts):
     greedy = [transformers_ids(model, tokenizer, prompt, GREEDY) for prompt in prompts]
     full_text = tokenizer.decode(greedy[0], skip_special_tokens=True)

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from tests.helpers import run_cli
-from tunesmith.generation import GenerationOptions, generate_reply
+from tunesmith.generation import GenerationOptions, generate_batch, generate_reply, prompt_ids
 
 API_KEY = "test-key"
 BASE = "tiny"
@@ -113,6 +113,11 @@ def wait_for(condition, what: str) -> None:
     while not condition():
         assert time.monotonic() < deadline, f"gave up waiting until {what}"
         time.sleep(0.01)
+
+
+def last_batch(batcher):
+    with batcher.paused():  # waits for the batch in progress to end
+        return batcher.recent_batches[-1]
 
 
 @pytest.mark.parametrize("model", [BASE, ADAPTER])
@@ -240,14 +245,80 @@ def test_concurrent_requests_are_generated_in_one_batch(client, batcher):
             wait_for(lambda: batcher.waiting == 8, "8 requests wait")
         replies = [future.result() for future in futures]
     assert all(reply.choices[0].finish_reason for reply in replies)
-    assert batcher.recent_batches[-1].requests == 8 and batcher.recent_batches[-1].rows == 8
+    assert last_batch(batcher).requests == 8 and last_batch(batcher).rows == 8
     # Requests for different adapters are never batched together.
     with ThreadPoolExecutor(4) as pool:
         with batcher.paused():
             futures = [pool.submit(chat, client, model=model, max_tokens=2) for model in (BASE, ADAPTER, BASE, ADAPTER)]
             wait_for(lambda: batcher.waiting == 4, "4 requests wait")
         [future.result() for future in futures]
-    assert sorted((b.adapter or "", b.requests) for b in list(batcher.recent_batches)[-2:]) == [("", 2), (ADAPTER, 2)]
+    last = last_batch(batcher)
+    assert sorted((b.adapter or "", b.requests) for b in (batcher.recent_batches[-2], last)) == [("", 2), (ADAPTER, 2)]
+
+
+class Submitted:
+    """A job given straight to the batcher (for the base model), and the tokens each choice got.
+
+    ``after_first_step`` is called from the worker thread once the job has its first tokens.
+    """
+
+    def __init__(self, prompt: list[int], options: GenerationOptions, *, n: int = 1, after_first_step=None):
+        from tunesmith.serving.batcher import Job
+
+        self.token_ids: list[list[int]] = [[] for _ in range(n)]
+        self.outcome: BaseException | None = None
+        self.done = threading.Event()
+        self.after_first_step = after_first_step
+        self.job = Job(prompt, options, n=n, stop=(), adapter=None, deliver=self._deliver)
+
+    def _deliver(self, item) -> None:
+        if item is None or isinstance(item, BaseException):
+            self.outcome = item
+            self.done.set()
+            return
+        for piece in item:
+            self.token_ids[piece.index] += piece.token_ids
+        if self.after_first_step is not None:
+            after, self.after_first_step = self.after_first_step, None
+            after()
+
+    def result(self) -> list[list[int]]:
+        assert self.done.wait(30) and self.outcome is None, self.outcome
+        return self.token_ids
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0], ids=["greedy", "seeded"])
+def test_a_request_joins_a_running_batch_and_gets_the_reply_it_gets_alone(batcher, temperature):
+    tokenizer = batcher.tokenizer
+    joining_prompt = prompt_ids(tokenizer, [{"role": "user", "content": "Say hi."}])
+    options = GenerationOptions(max_new_tokens=6, temperature=temperature, seed=3)
+    joining = Submitted(joining_prompt, options, n=2)
+    # The long request is running when the other arrives: it is queued after the long one's first step.
+    running = Submitted(
+        prompt_ids(tokenizer, MESSAGES), GenerationOptions(max_new_tokens=30), after_first_step=lambda: batcher.submit(joining.job)
+    )
+    batcher.submit(running.job)
+    replies = joining.result()
+    record = last_batch(batcher)
+    assert record.joined_at_step == (0, 1) and record.requests == 2 and record.rows == 3 and record.most_rows == 3
+    assert len(running.result()[0]) == record.steps == 30, "the long request ran through, the other joined and left inside it"
+    with batcher.paused(), batcher.model.disable_adapter():
+        alone = generate_batch(batcher.model, tokenizer, [joining_prompt], options, num_return_sequences=2)
+    assert replies == [completion.token_ids for completion in alone] and len(replies[0]) == 6
+
+
+def test_a_request_that_ends_frees_its_rows_for_a_waiting_one(batcher):
+    prompt = prompt_ids(batcher.tokenizer, MESSAGES)
+    long = Submitted(prompt, GenerationOptions(max_new_tokens=20))
+    wide = Submitted(prompt, GenerationOptions(max_new_tokens=2), n=batcher.max_batch_rows - 1)
+    waiting = Submitted(prompt, GenerationOptions(max_new_tokens=2))
+    with batcher.paused():
+        for submitted in (long, wide, waiting):
+            batcher.submit(submitted.job)
+    assert waiting.result() == [long.result()[0][:2]]
+    record = last_batch(batcher)
+    assert record.joined_at_step == (0, 0, len(wide.result()[0])), "the waiting request joined when the wide one ended"
+    assert record.most_rows == batcher.max_batch_rows and record.rows == batcher.max_batch_rows + 1
 
 
 def test_a_full_queue_answers_429_and_serves_the_rest(client, batcher):
@@ -272,8 +343,7 @@ def test_a_client_that_disconnects_mid_stream_frees_its_row(client, batcher):
     next(stream)
     next(stream)
     stream.close()
-    with batcher.paused():  # waits for the batch in progress to end
-        assert batcher.recent_batches[-1].steps < 200, batcher.recent_batches[-1]
+    assert last_batch(batcher).steps < 200, batcher.recent_batches[-1]
     assert chat(client, max_tokens=2).choices[0].message.content is not None
 
 

@@ -130,6 +130,170 @@ class StopStrings:
         return text[: min(positions)] if positions else text
 
 
+class DecodeBatch:
+    """Rows continued together, one token per row per step; rows may join and leave between steps.
+
+    :meth:`add` prefills new prompts and puts their rows beside those already running;
+    :meth:`step` gives every running row its next token; :meth:`drop` takes rows out, freeing
+    their share of each forward pass. :func:`decode` runs a fixed set of rows this way, and a
+    server's worker (:mod:`tunesmith.serving.batcher`) lets requests join and leave as they come.
+
+    Every row sits right-aligned in one left-padded KV cache: a row that joins later is padded
+    on the left to the running rows' width (or they to its), and the attention mask hides the
+    padding, so each row computes what it would alone. A row that finished but was not dropped
+    goes on beside the others on masked padding and gains no tokens. Each prompt's rows sample
+    with its own options and generator, so what they draw does not depend on the other rows.
+    ``model`` must already be in :func:`generation_mode`.
+    """
+
+    def __init__(
+        self, model: torch.nn.Module, *, pad_token_id: int, stop_token_ids: Sequence[int], stop_strings: StopStrings | None = None
+    ):
+        self.model = model
+        self.pad_token_id = pad_token_id
+        self.stop_strings = stop_strings
+        self._device = next(model.parameters()).device
+        self._stop_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=self._device)
+        self._cache_keyword = _cache_keyword(model)
+        self._empty()
+
+    def _empty(self) -> None:
+        self.rows: list[Row] = []
+        self._options: list[GenerationOptions] = []
+        self._generators: list[torch.Generator | None] = []
+        self._groups: list = []
+        self._cache = None
+        self._attention_mask: torch.Tensor | None = None
+        # Either every row's next-token logits are known, or the tokens the last step chose are
+        # still to be run through the model (lazily: a row dropped meanwhile costs nothing).
+        self._logits: torch.Tensor | None = None
+        self._pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._seen: torch.Tensor | None = None
+
+    @property
+    def joinable(self) -> bool:
+        """Whether rows can join while others run: when the cache is empty or every layer keeps
+        all positions (a sliding-window layer's cut would differ between rows)."""
+        from transformers.cache_utils import DynamicLayer
+
+        return self._cache is None or all(type(layer) is DynamicLayer for layer in self._cache.layers)
+
+    def add(
+        self,
+        prompts: Sequence[list[int]],
+        options: Sequence[GenerationOptions],
+        generators: Sequence[torch.Generator | None],
+        copies: Sequence[int],
+    ) -> list[Row]:
+        """Prefill ``prompts`` and add ``copies[i]`` rows continuing prompt ``i``; the new rows, prompt-major.
+
+        Prompt ``i``'s rows sample with ``options[i]`` and ``generators[i]`` (greedy rows use
+        none). Each prompt is run through the model once and its cache repeated for its rows.
+        """
+        from transformers import DynamicCache
+
+        if self.rows and not self.joinable:
+            raise ValueError("this model's cache has sliding-window layers: rows can only be added to an empty batch")
+        if self._pending is not None:
+            self._run_pending()
+        cache = DynamicCache(config=self.model.config)
+        input_ids, attention_mask = _left_padded(list(prompts), self.pad_token_id, self._device)
+        logits = _forward(self.model, input_ids, attention_mask, cache, self._cache_keyword)
+        if any(count != 1 for count in copies):
+            index = torch.arange(len(prompts), device=self._device).repeat_interleave(torch.tensor(copies, device=self._device))
+            cache.batch_select_indices(index)
+            logits, attention_mask = logits[index], attention_mask[index]
+        if self._seen is not None or any(option.repetition_penalty != 1 for option in options):
+            joining = [list(prompt) for prompt, count in zip(prompts, copies) for _ in range(count)]
+            seen = _seen_tokens(joining, logits.shape[-1], self._device)
+            if self.rows:
+                # Rows that ran without seen tokens have no repetition penalty, so theirs are never read.
+                earlier = self._seen if self._seen is not None else seen.new_zeros((len(self.rows), seen.shape[1]))
+                seen = torch.cat([earlier, seen])
+            self._seen = seen
+        for option, generator, count in zip(options, generators, copies):
+            self._options += [option] * count
+            self._generators += [generator] * count
+        new_rows = [Row([]) for _ in range(sum(copies))]
+        if self.rows:
+            _join_caches(self._cache, cache)
+            self._attention_mask = _join_left_padded(self._attention_mask, attention_mask)
+            self._logits = torch.cat([self._logits, logits])
+        else:
+            self._cache, self._attention_mask, self._logits = cache, attention_mask, logits
+        self.rows += new_rows
+        self._groups = _sampling_groups(self._options, self._generators, self._device)
+        return new_rows
+
+    def step(self) -> None:
+        """Give every row without a ``finish_reason`` its next token, and a ``finish_reason`` when
+        a stop token, stop string or its ``max_new_tokens`` ends it. A caller may end a row before
+        a step by setting its ``finish_reason``."""
+        if self._pending is not None:
+            self._run_pending()
+        running = torch.tensor([row.finish_reason is None for row in self.rows], dtype=torch.bool, device=self._device)
+        logits = self._logits
+        tokens = _select(logits, self._seen, self._groups)
+        logprobs = (logits.gather(1, tokens[:, None]).squeeze(1) - logits.logsumexp(dim=-1)).tolist()
+        tokens = torch.where(running, tokens, self.pad_token_id)
+        if self._seen is not None:
+            self._seen[torch.arange(len(self.rows), device=self._device), tokens] |= running
+        stopped = running & torch.isin(tokens, self._stop_ids)
+        for row, option, token, was_running, stopped_by_token, logprob in zip(
+            self.rows, self._options, tokens.tolist(), running.tolist(), stopped.tolist(), logprobs
+        ):
+            if not was_running:
+                continue
+            row.token_ids.append(token)
+            row.logprobs.append(logprob)
+            if stopped_by_token or (self.stop_strings and self.stop_strings.found_in(row.token_ids)):
+                row.finish_reason = STOP
+            elif len(row.token_ids) == option.max_new_tokens:
+                row.finish_reason = LENGTH
+        self._pending = (tokens, running)
+
+    def drop(self, rows: Sequence[Row]) -> None:
+        """Take ``rows`` out of the batch; the others go on as before."""
+        leaving = {id(row) for row in rows}
+        kept = [index for index, row in enumerate(self.rows) if id(row) not in leaving]
+        if not kept:
+            self._empty()
+            return
+        if len(kept) == len(self.rows):
+            return
+        index = torch.tensor(kept, device=self._device)
+        self._cache.batch_select_indices(index)
+        self._attention_mask = self._attention_mask[index]
+        if self._pending is not None:
+            self._pending = (self._pending[0][index], self._pending[1][index])
+        else:
+            self._logits = self._logits[index]
+        if self._seen is not None:
+            self._seen = self._seen[index]
+        for name in ("rows", "_options", "_generators"):
+            setattr(self, name, [getattr(self, name)[i] for i in kept])
+        self._groups = _sampling_groups(self._options, self._generators, self._device)
+        if self.joinable:
+            self._trim_padding()
+
+    def _run_pending(self) -> None:
+        """Run the last step's tokens through the model, for every row's next logits."""
+        tokens, real = self._pending
+        # The new token is attended to only where it is real; a finished row continues on padding.
+        self._attention_mask = torch.cat([self._attention_mask, real[:, None].long()], dim=1)
+        self._logits = _forward(self.model, tokens[:, None], self._attention_mask, self._cache, self._cache_keyword)
+        self._pending = None
+
+    def _trim_padding(self) -> None:
+        """Cut the cache's leading positions that are padding in every row (left by a longer row that left)."""
+        first = int(self._attention_mask.any(dim=0).long().argmax())
+        if first == 0:
+            return
+        self._attention_mask = self._attention_mask[:, first:]
+        for layer in self._cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+
+
 def decode(
     model: torch.nn.Module,
     prompts: list[list[int]],
@@ -157,72 +321,30 @@ def decode(
     ``options`` and ``generator`` are one for every prompt, or a sequence with one per prompt:
     each prompt's rows are then sampled with its own options, up to its own
     ``max_new_tokens``, drawing from its own generator, so what one prompt samples does not
-    depend on the other prompts in the batch.
+    depend on the other prompts in the batch. Rows stay in the batch until the end: a
+    :class:`DecodeBatch` whose rows all start together and never leave.
     """
-    device = next(model.parameters()).device
-    rows = [Row([]) for _ in range(len(prompts) * num_return_sequences)]
-    row_options = _per_row(options, len(prompts), num_return_sequences, "options")
-    row_generators = _per_row(generator, len(prompts), num_return_sequences, "generators")
-    groups = _sampling_groups(row_options, row_generators, device)
-    longest = max(option.max_new_tokens for option in row_options)
-    input_ids, attention_mask = _left_padded(prompts, pad_token_id, device)
-    stop_ids = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
-
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    cache_keyword = _cache_keyword(model)
-    logits = _forward(model, input_ids, attention_mask, cache, cache_keyword)
-    seen = None
-    if any(option.repetition_penalty != 1 for option in row_options):
-        # Counted, not flagged: a pad position adds 0 and so cannot unmark a real token sharing its id.
-        counts = torch.zeros(logits.shape, dtype=torch.long, device=device).scatter_add_(1, input_ids, attention_mask)
-        seen = (counts > 0).repeat_interleave(num_return_sequences, dim=0)
-    if num_return_sequences > 1:
-        cache.batch_repeat_interleave(num_return_sequences)
-        logits = logits.repeat_interleave(num_return_sequences, dim=0)
-        attention_mask = attention_mask.repeat_interleave(num_return_sequences, dim=0)
-    running = torch.ones(len(rows), dtype=torch.bool, device=device)
-
-    for step in range(longest):
-        tokens = _select(logits, seen, groups)
-        logprobs = (logits.gather(1, tokens[:, None]).squeeze(1) - logits.logsumexp(dim=-1)).tolist()
-        tokens = torch.where(running, tokens, pad_token_id)
-        if seen is not None:
-            seen[torch.arange(len(rows), device=device), tokens] |= running
-        stopped = running & torch.isin(tokens, stop_ids)
-        for index, (token, was_running, stopped_by_token) in enumerate(
-            zip(tokens.tolist(), running.tolist(), stopped.tolist())
-        ):
-            if not was_running:
-                continue
-            row = rows[index]
-            row.token_ids.append(token)
-            row.logprobs.append(logprobs[index])
-            if stopped_by_token or (stop_strings and stop_strings.found_in(row.token_ids)):
-                row.finish_reason = STOP
-            elif len(row.token_ids) == row_options[index].max_new_tokens:
-                row.finish_reason = LENGTH
+    prompt_options = _per_prompt(options, len(prompts), "options")
+    batch = DecodeBatch(model, pad_token_id=pad_token_id, stop_token_ids=stop_token_ids, stop_strings=stop_strings)
+    rows = batch.add(
+        prompts, prompt_options, _per_prompt(generator, len(prompts), "generators"), [num_return_sequences] * len(prompts)
+    )
+    for step in range(max(option.max_new_tokens for option in prompt_options)):
+        if step > 0:
+            local_done = all(row.finish_reason is not None for row in rows)
+            if all_finished(local_done) if all_finished is not None else local_done:
+                return
+        batch.step()
         yield rows
-        if step == longest - 1:
-            return
-        # The new token is attended to only where it is real; a finished row continues on padding.
-        attention_mask = torch.cat([attention_mask, running[:, None].long()], dim=1)
-        still_running = [row.finish_reason is None for row in rows]
-        running = torch.tensor(still_running, dtype=torch.bool, device=device)
-        local_done = not any(still_running)
-        if all_finished(local_done) if all_finished is not None else local_done:
-            return
-        logits = _forward(model, tokens[:, None], attention_mask, cache, cache_keyword)
 
 
-def _per_row(value, prompt_count: int, num_return_sequences: int, what: str) -> list:
-    """``value`` for every row: the one value repeated, or one per prompt repeated for its rows."""
+def _per_prompt(value, prompt_count: int, what: str) -> list:
+    """``value`` for every prompt: the one value repeated, or the one given per prompt."""
     if value is None or not isinstance(value, Sequence):
-        return [value] * (prompt_count * num_return_sequences)
+        return [value] * prompt_count
     if len(value) != prompt_count:
         raise ConfigError(f"{len(value)} {what} for {prompt_count} prompts: expected one for all prompts or one per prompt")
-    return [item for item in value for _ in range(num_return_sequences)]
+    return list(value)
 
 
 def _sampling_groups(row_options: list, row_generators: list, device: torch.device) -> list[tuple[torch.Tensor | None, object, object]]:
@@ -249,6 +371,31 @@ def _select(logits: torch.Tensor, seen: torch.Tensor | None, groups) -> torch.Te
     for indices, options, generator in groups:
         tokens[indices] = select_tokens(logits[indices], seen[indices] if seen is not None else None, options, generator)
     return tokens
+
+
+def _seen_tokens(token_lists: list[list[int]], vocabulary_size: int, device: torch.device) -> torch.Tensor:
+    """Rows x vocabulary: whether each token occurs in each list."""
+    seen = torch.zeros((len(token_lists), vocabulary_size), dtype=torch.bool, device=device)
+    for index, token_ids in enumerate(token_lists):
+        seen[index, torch.tensor(token_ids, dtype=torch.long, device=device)] = True
+    return seen
+
+
+def _join_left_padded(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """Two attention masks stacked, the narrower padded on the left (with 0, hidden) to the wider one's width."""
+    width = max(first.shape[1], second.shape[1])
+    return torch.cat([torch.nn.functional.pad(mask, (width - mask.shape[1], 0)) for mask in (first, second)])
+
+
+def _join_caches(cache, joining) -> None:
+    """Put ``joining``'s rows after ``cache``'s, in place; the shorter side is padded on the left
+    with zeros, which the attention mask hides."""
+    for layer, new in zip(cache.layers, joining.layers):
+        for name in ("keys", "values"):
+            parts = [getattr(layer, name), getattr(new, name)]
+            total = max(part.shape[2] for part in parts)
+            padded = [torch.nn.functional.pad(part, (0, 0, total - part.shape[2], 0)) for part in parts]
+            setattr(layer, name, torch.cat(padded))
 
 
 def _left_padded(prompts: list[list[int]], pad_token_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

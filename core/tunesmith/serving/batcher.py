@@ -1,12 +1,16 @@
-"""Dynamic batching: one thread owns the model and generates for every queued request that fits.
+"""Continuous batching: one thread owns the model and decodes every request it can fit, step by step.
 
 Requests wait in a bounded queue. Whenever the model is free, the worker thread takes the
 oldest waiting request and every other waiting request for the same adapter (up to
-``max_batch_rows`` choices in all) and runs them as one batch through
-:func:`tunesmith.decoding.decode`: concurrent requests share each forward pass instead of
-taking turns. Requests for another adapter wait for a later batch, since a batch runs with one
-adapter active. Each request samples from its own generator, seeded from its ``seed`` when it
-has one, so its reply does not depend on what it was batched with; the global RNG is never used.
+``max_batch_rows`` choices in all) and decodes them together in a
+:class:`tunesmith.decoding.DecodeBatch`: concurrent requests share each forward pass instead of
+taking turns. Between two decode steps, a request whose choices have all ended leaves the batch
+and frees its rows, and waiting requests for the same adapter join (their prompts prefilled,
+then decoded beside the running rows), so no row idles while the longest reply finishes. A
+batch runs with one adapter active: requests for another adapter wait, and while one does, the
+running batch takes nobody new, so it ends and the other adapter has its turn. Each request
+samples from its own generator, seeded from its ``seed`` when it has one, so its reply does not
+depend on what it was batched with; the global RNG is never used.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tunesmith.decoding import STOP, decode, generation_mode
+from tunesmith.decoding import STOP, DecodeBatch, Row, generation_mode
 from tunesmith.generation import GenerationOptions, pad_token_id, stop_token_ids
 from tunesmith.serving.choice_text import ChoiceText
 
@@ -47,13 +51,17 @@ class ChoicePiece:
 
 @dataclass(frozen=True)
 class BatchRecord:
-    """One batch the worker ran: the adapter (None for the base model), how many requests and
-    choices it held, and how many decode steps it took."""
+    """One batch the worker ran, from its first requests until its last row ended: the adapter
+    (None for the base model), how many requests and choices joined it in all, the most rows it
+    held at once, how many decode steps it took, and how many steps it had taken when each
+    request joined (0 for those it started with), in the order they joined."""
 
     adapter: str | None
     requests: int
     rows: int
+    most_rows: int
     steps: int
+    joined_at_step: tuple[int, ...]
 
 
 class QueueFull(Exception):
@@ -116,7 +124,7 @@ class Batcher:
         self._thread.start()
 
     def close(self) -> None:
-        """Stop after the batch in progress; requests still waiting are never answered."""
+        """Stop after the batch in progress, which takes nobody new; requests still waiting are never answered."""
         with self._condition:
             self._closed = True
             self._condition.notify_all()
@@ -146,9 +154,10 @@ class Batcher:
 
     @contextmanager
     def paused(self) -> Iterator[None]:
-        """No batch runs inside: the batch in progress finishes first, and new requests wait in
-        the queue (counting toward ``max_queue``) until the pause ends, when the worker takes them
-        together. Lets a caller use the model itself, or line requests up for one batch."""
+        """No batch runs inside: the batch in progress takes nobody new and finishes first, and
+        new requests wait in the queue (counting toward ``max_queue``) until the pause ends, when
+        the worker takes them together. Lets a caller use the model itself, or line requests up
+        for one batch."""
         with self._condition:
             self._pauses += 1
             self._condition.wait_for(lambda: not self._running)
@@ -165,61 +174,86 @@ class Batcher:
                 self._condition.wait_for(lambda: self._closed or (self._waiting and not self._pauses))
                 if self._closed:
                     return
-                jobs = self._take()
+                adapter = self._waiting[0].adapter
+                jobs = self._take(adapter, self.max_batch_rows)
                 self._running = True
+            members: list[_Member] = []
             try:
-                self._generate(jobs)
+                self._run_batch(adapter, jobs, members)
             except Exception as error:  # the batch fails; the server goes on serving
-                for job in jobs:
-                    job.deliver(error)
+                for member in members:
+                    member.job.deliver(error)
             finally:
                 with self._condition:
                     self._running = False
                     self._condition.notify_all()
 
-    def _take(self) -> list[Job]:
-        """The oldest waiting job and every later one for the same adapter that still fits."""
-        adapter = self._waiting[0].adapter
-        jobs, rows = [], 0
-        for job in list(self._waiting):
-            if job.adapter == adapter and (not jobs or rows + job.n <= self.max_batch_rows):
-                jobs.append(job)
-                rows += job.n
-                self._waiting.remove(job)
+    def _take(self, adapter: str | None, free_rows: int) -> list[Job]:
+        """The waiting jobs for ``adapter``, oldest first, as long as each fits in ``free_rows``;
+        the first that does not fit stops the taking, so that later, smaller ones do not starve it."""
+        jobs = []
+        for job in [job for job in self._waiting if job.adapter == adapter]:
+            if job.n > free_rows:
+                break
+            jobs.append(job)
+            free_rows -= job.n
+            self._waiting.remove(job)
         return jobs
 
-    def _generate(self, jobs: list[Job]) -> None:
-        prompts, options, generators, choices = [], [], [], []
+    def _joining(self, adapter: str | None, rows: int) -> list[Job]:
+        """The waiting jobs that join a batch running ``adapter`` with ``rows`` rows: none while a
+        pause or close is pending or a job for another adapter waits, so that the batch ends."""
+        with self._condition:
+            if self._pauses or self._closed or any(job.adapter != adapter for job in self._waiting):
+                return []
+            return self._take(adapter, self.max_batch_rows - rows)
+
+    def _run_batch(self, adapter: str | None, jobs: list[Job], members: list[_Member]) -> None:
+        """Decode ``jobs``, and every job that joins them, until the last row ends. ``members``
+        holds the jobs in the batch, for the caller to tell if it fails."""
+        steps = rows = most_rows = 0
+        joined_at_step: list[int] = []
+        with self._adapter(adapter), generation_mode(self.model):
+            batch = DecodeBatch(self.model, pad_token_id=self._pad_token_id, stop_token_ids=self._stop_token_ids)
+            while jobs or members:
+                if jobs:
+                    self._join(batch, jobs, members)
+                    joined_at_step += [steps] * len(jobs)
+                    rows += sum(job.n for job in jobs)
+                    most_rows = max(most_rows, len(batch.rows))
+                batch.step()
+                steps += 1
+                for member in members:
+                    self._advance(member)
+                # A request's rows leave together, when its last one ends: until then its finished
+                # choices stay as padding, so that its n choices draw from its generator as alone.
+                finished = [member for member in members if member.finished]
+                batch.drop([row for member in finished for row in member.rows])
+                members[:] = [member for member in members if not member.finished]
+                jobs = self._joining(adapter, len(batch.rows)) if members and batch.joinable else []
+        self.recent_batches.append(BatchRecord(adapter, len(joined_at_step), rows, most_rows, steps, tuple(joined_at_step)))
+
+    def _join(self, batch: DecodeBatch, jobs: list[Job], members: list[_Member]) -> None:
+        """Prefill ``jobs`` into ``batch``, each with its own generator, and add them to ``members``."""
+        generators = []
         for job in jobs:
             generator = torch.Generator(device=self._device)
             if job.options.seed is not None:
                 generator.manual_seed(job.options.seed)
             else:
                 generator.seed()
-            prompts += [job.prompt_ids] * job.n
-            options += [job.options] * job.n
-            generators += [generator] * job.n
-            choices.append([_Choice(ChoiceText(self.tokenizer, job.stop)) for _ in range(job.n)])
-        steps = 0
-        with self._adapter(jobs[0].adapter), generation_mode(self.model):
-            decoding = decode(
-                self.model, prompts, options, pad_token_id=self._pad_token_id, stop_token_ids=self._stop_token_ids, generator=generators
-            )
-            try:
-                for rows in decoding:
-                    steps += 1
-                    start = 0
-                    for job, job_choices in zip(jobs, choices):
-                        self._advance(job, job_choices, rows[start : start + job.n])
-                        start += job.n
-            finally:
-                decoding.close()
-        self.recent_batches.append(BatchRecord(jobs[0].adapter, len(jobs), len(prompts), steps))
+            generators.append(generator)
+        joining = [_Member(job, [_Choice(ChoiceText(self.tokenizer, job.stop)) for _ in range(job.n)]) for job in jobs]
+        members += joining
+        rows = batch.add([job.prompt_ids for job in jobs], [job.options for job in jobs], generators, [job.n for job in jobs])
+        start = 0
+        for member in joining:
+            member.rows = rows[start : start + member.job.n]
+            start += member.job.n
 
-    def _advance(self, job: Job, choices: list[_Choice], rows) -> None:
-        """Send ``job`` what its rows gained this step; end its rows when it was cancelled or hit a stop string."""
-        if all(choice.reported_finish for choice in choices):
-            return
+    def _advance(self, member: _Member) -> None:
+        """Send a job what its rows gained this step; end its rows when it was cancelled or hit a stop string."""
+        job, choices, rows = member.job, member.choices, member.rows
         if job.cancelled.is_set():
             for row, choice in zip(rows, choices):
                 row.finish_reason = row.finish_reason or CANCELLED
@@ -237,7 +271,7 @@ class Batcher:
             choice.tokens_sent = len(row.token_ids)
             choice.reported_finish = row.finish_reason is not None
         job.deliver(pieces)
-        if all(choice.reported_finish for choice in choices):
+        if member.finished:
             job.deliver(None)
 
     def _adapter(self, name: str | None):
@@ -248,6 +282,19 @@ class Batcher:
             return self.model.disable_adapter()
         self.model.set_adapter(name)
         return nullcontext()
+
+
+class _Member:
+    """A job in the running batch: what has been sent of each of its choices, and their rows."""
+
+    def __init__(self, job: Job, choices: list[_Choice]):
+        self.job = job
+        self.choices = choices
+        self.rows: list[Row] = []
+
+    @property
+    def finished(self) -> bool:
+        return all(choice.reported_finish for choice in self.choices)
 
 
 class _Choice:
