@@ -6,7 +6,8 @@ generated preference pairs (``harness.preference_pairs``: one user question, a c
 rejected reply of log-normal lengths), the sigmoid loss with beta 0.1, learning rate 1e-4 on a
 cosine schedule without warm-up, seed 42, bf16 where the CPU computes it natively, and no
 gradient checkpointing (tunesmith's default; TRL's default is on, turned off here so that both
-do the same work). Each saves its adapter at the end.
+do the same work); tunesmith keeps freed memory for reuse (``--no-release-memory``; this
+comparison is not short of memory). Each saves its adapter at the end.
 
 Lengths: each sequence (prompt + one reply) at most 512 tokens. TRL's ``max_length`` is per
 sequence (it cuts the end); tunesmith's ``--max-length`` counts both sequences of a pair (it
@@ -66,7 +67,7 @@ def tunesmith_command(model: Path, dataset: Path, settings: dict) -> list[str]:
     return [
         "-m", "tunesmith", "dpo", "--model", str(model), "--dataset", str(dataset), "--output-dir", "{out}",
         "--max-length", str(2 * settings["max_length"]), "--batch-size", str(settings["batch_size"]),
-        "--epochs", "1", "--lora-rank", str(settings["lora_rank"]), "--beta", str(settings["beta"]),
+        "--epochs", "1", "--lora-rank", str(settings["lora_rank"]), "--beta", str(settings["beta"]), "--no-release-memory",
     ]
 
 

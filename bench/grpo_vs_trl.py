@@ -3,14 +3,15 @@
 Both run the same number of optimizer steps on the same generated prompts
 (``harness.prompts``: one user question each, log-normal lengths), each step generating
 ``num_generations`` completions for each of ``batch / num_generations`` prompts with the
-model being trained (transformers' ``generate`` in TRL, the default ``transformers``
-generation backend in tunesmith), sampled at the same temperature (top-p 1, top-k off) up to
+model being trained (transformers' ``generate`` in TRL; in tunesmith the default generation
+backend, which for LoRA is a copy of the model with the adapters merged in), sampled at the same temperature (top-p 1, top-k off) up to
 the same ``max_completion_length``, scored by the same function (``length_reward.py``), then one
 update (``num_iterations`` 1, the DAPO token average, advantages scaled by the group's
 deviation, beta 0 so no reference model: both tools' defaults). LoRA rank 8, alpha 16, dropout
 0.05 on every linear layer; learning rate 1e-4, cosine schedule, seed 42; bf16 where the CPU
 computes it natively; no gradient checkpointing (TRL's default is on; turned off so that both
-do the same work). Each saves its adapter at the end.
+do the same work), and tunesmith keeps freed memory for reuse (``--no-release-memory``; this
+comparison is not short of memory). Each saves its adapter at the end.
 
 Printed: completions per second of the whole process (steps x batch, the same for both), wall
 time, peak memory, ratios. A completion ends at the end-of-turn token or at
@@ -69,6 +70,7 @@ def tunesmith_command(model: Path, dataset: Path, settings: dict) -> list[str]:
     return [
         "-m", "tunesmith", "grpo", "--model", str(model), "--dataset", str(dataset), "--output-dir", "{out}",
         "--batch-size", str(settings["batch_size"]), "--lora-rank", str(settings["lora_rank"]), "--reward", REWARD,
+        "--no-release-memory",
     ]
 
 

@@ -133,18 +133,19 @@ def test_gradient_checkpointing_lowers_the_peak_of_a_lora_step_by_more_than_half
     assert lora_step_peak(checkpointing=True) < 0.5 * lora_step_peak(checkpointing=False)
 
 
-@pytest.mark.parametrize("low_memory", [True, False])
-def test_low_memory_turns_on_gradient_checkpointing_and_cpu_training_returns_freed_memory(tiny_model_dir, tmp_path, monkeypatch, low_memory):
+@pytest.mark.parametrize(("options", "checkpointing", "released"), [
+    (["--low-memory", "--no-release-memory"], True, True), ([], False, True), (["--no-release-memory"], False, False),
+])
+def test_low_memory_checkpoints_and_training_returns_freed_memory_unless_told_not_to(tiny_model_dir, tmp_path, monkeypatch, options, checkpointing, released):
     from tests.helpers import chat_rows, run_cli, write_jsonl
     from tunesmith import engine
 
-    checkpointed, released = [], []
+    checkpointed, releases = [], []
     real = engine.enable_activation_checkpointing
     monkeypatch.setattr(engine, "enable_activation_checkpointing", lambda model: (checkpointed.append(model), real(model)))
-    monkeypatch.setattr(engine, "return_large_blocks_to_the_system", lambda: released.append(True))
+    monkeypatch.setattr(engine, "return_large_blocks_to_the_system", lambda: releases.append(True))
     data = write_jsonl(tmp_path / "train.jsonl", chat_rows(4))
-    options = ["--low-memory"] if low_memory else []
     assert run_cli("sft", "--model", tiny_model_dir, "--dataset", data, "--output-dir", tmp_path / "run", "--max-steps", "1", *options) == 0
-    assert len(checkpointed) == low_memory and released == [True]
-    if low_memory:
+    assert len(checkpointed) == checkpointing and releases == [True] * released
+    if checkpointing:
         assert any(getattr(module, "gradient_checkpointing", False) for module in checkpointed[0].modules())

@@ -120,7 +120,7 @@ def _train(plan: TrainingPlan, trainer_record, manager: PluginManager, strategy:
     )
     if config.gradient_checkpointing or config.low_memory:
         enable_activation_checkpointing(model)
-    if config.low_memory or device.name == "cpu":  # the activations live in the host's memory
+    if config.release_memory or config.low_memory:
         return_large_blocks_to_the_system()
     if config.compile:
         model.compile()  # in place: the module, its parameters and their names stay what they were

@@ -10,9 +10,8 @@ grows well past what is live: on SmolLM2-135M, LoRA, 4 x 512 tokens, 3.1 GB resi
 
 The price is a page fault for every page of every such allocation, as each comes fresh from the
 kernel: one epoch of 120 chats (``bench/sft_vs_trl.py``'s run) took 3.5x the page faults and
-about 15% more time, and peaked at 3.8 GB resident instead of 4.7 GB (a 4 MiB threshold: 4.6 GB).
-Training on a CPU, whose activations live in this memory, sets it; so does ``--low-memory`` on
-any device.
+15% more time (25% with ``--packing``, whose rows are all full), and peaked at 3.8 GB resident
+instead of 4.7 GB (a 4 MiB threshold: 4.6 GB). Training sets it unless ``--no-release-memory``.
 """
 
 from __future__ import annotations
