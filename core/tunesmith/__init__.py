@@ -21,6 +21,7 @@ from tunesmith.records import (
     OptimizerSpec,
     OptionSpec,
     RewardSpec,
+    ServingEngineSpec,
     StrategySpec,
     TrainerSpec,
     Unavailable,
@@ -70,6 +71,10 @@ _LAZY = {
     "parse_reward_option": "tunesmith.rewards",
     "every_process_finished": "tunesmith.generation",
     "GenerationBackend": "tunesmith.generation_backend",
+    "ServingEngine": "tunesmith.serving.engine",
+    "Job": "tunesmith.serving.engine",
+    "ChoicePiece": "tunesmith.serving.engine",
+    "QueueFull": "tunesmith.serving.engine",
     "create_generation_backend": "tunesmith.generation_backend",
     "generate_replies": "tunesmith.batch_inference",
     "write_replies": "tunesmith.batch_inference",
@@ -98,6 +103,7 @@ if TYPE_CHECKING:
     from tunesmith.models import sequence_scores
     from tunesmith.plugins import create_plugin_manager
     from tunesmith.rewards import Reward, RewardResult, RewardRunner, check_reward_columns, load_rewards, parse_reward_option
+    from tunesmith.serving.engine import ChoicePiece, Job, QueueFull, ServingEngine
     from tunesmith.steps import Step, StepPlan, StepSource
     from tunesmith.strategy import StepOutcome, Strategy
     from tunesmith.trainer import LossOutput, Trainer, TrainerContext
@@ -149,6 +155,11 @@ __all__ = [
     "RewardRunner",
     "RewardSpec",
     "Sample",
+    "ServingEngine",
+    "ServingEngineSpec",
+    "ChoicePiece",
+    "Job",
+    "QueueFull",
     "Step",
     "StepOutcome",
     "StepPlan",

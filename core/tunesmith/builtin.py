@@ -1,5 +1,6 @@
 """Registrations of what ships inside the core: the cpu device, the built-in strategies, the
-``transformers`` generation backend, the metrics loggers and the ``serve``, ``eval`` and ``plot`` commands."""
+``transformers`` and ``merged`` generation backends, the ``transformers`` serving engine, the metrics loggers and
+the ``serve``, ``eval`` and ``plot`` commands."""
 
 import click
 
@@ -11,6 +12,7 @@ from tunesmith.records import (
     GenerationBackendSpec,
     LoggerSpec,
     OptionSpec,
+    ServingEngineSpec,
     StrategySpec,
 )
 
@@ -86,6 +88,17 @@ def tunesmith_register_generation_backends():
             backend="tunesmith.generation_backend:MergedLoRABackend",
             description="generates with a copy of a LoRA policy, adapters merged into its weights: faster, the model's memory once more",
         ),
+    ]
+
+
+@hookimpl
+def tunesmith_register_serving_engines():
+    return [
+        ServingEngineSpec(
+            name="transformers",
+            engine="tunesmith.serving.batcher:Batcher",
+            description="the model with its adapters, requests batched continuously with a KV cache",
+        )
     ]
 
 

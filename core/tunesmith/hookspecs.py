@@ -30,6 +30,7 @@ if TYPE_CHECKING:
         LoggerSpec,
         OptimizerSpec,
         RewardSpec,
+        ServingEngineSpec,
         StrategySpec,
         TrainerSpec,
     )
@@ -125,6 +126,25 @@ def tunesmith_register_generation_backends() -> Iterable[GenerationBackendSpec] 
                 return None  # the engine is not installed: nothing to offer
             return [GenerationBackendSpec(name="my-engine", backend="my_package.backend:MyBackend",
                                           devices=("cuda",))]
+    """
+
+
+@hookspec
+def tunesmith_register_serving_engines() -> Iterable[ServingEngineSpec] | None:
+    """Register serving engines: what generates the replies of ``tunesmith serve --engine NAME``.
+
+    Return :class:`ServingEngineSpec` records. The engine class (a
+    :class:`tunesmith.serving.engine.ServingEngine` subclass) is given as a dotted path so that
+    a heavy engine (vLLM) is imported only when chosen; ``devices`` lists the devices it runs
+    on. The built-in ``transformers`` engine batches requests continuously on every device.
+
+    Example::
+
+        @hookimpl
+        def tunesmith_register_serving_engines():
+            if importlib.util.find_spec("my_engine") is None:
+                return None  # the engine is not installed: nothing to offer
+            return [ServingEngineSpec(name="my-engine", engine="my_package.serving:MyEngine", devices=("cuda",))]
     """
 
 

@@ -2,7 +2,7 @@
 
 Plugins are modules named by entry points in the ``tunesmith`` group. tunesmith's own
 built-ins (the cpu device, the ``single`` strategy, the ``sft``/``pt`` trainers, the
-optimizers, the ``transformers`` generation backend, the metrics loggers, the ``serve`` command) register through the same entry points and always load. Third-party plugins obey
+optimizers, the generation backends, the serving engine, the metrics loggers, the ``serve`` command) register through the same entry points and always load. Third-party plugins obey
 the ``TUNESMITH_PLUGINS`` allow-list: unset loads all, empty loads none, otherwise a
 comma-separated list of entry-point or distribution names; a name there that matches no
 installed plugin is reported once as a warning. A plugin that fails to import is reported as a
@@ -33,6 +33,7 @@ from tunesmith.records import (
     OptimizerSpec,
     Registered,
     RewardSpec,
+    ServingEngineSpec,
     StrategySpec,
     TrainerSpec,
 )
@@ -50,6 +51,7 @@ KINDS = {
     "optimizer": "tunesmith_register_optimizers",
     "reward": "tunesmith_register_rewards",
     "generation backend": "tunesmith_register_generation_backends",
+    "serving engine": "tunesmith_register_serving_engines",
     "logger": "tunesmith_register_loggers",
     "command": "tunesmith_register_commands",
 }
@@ -60,6 +62,7 @@ RECORD_TYPES = {
     "optimizer": OptimizerSpec,
     "reward": RewardSpec,
     "generation backend": GenerationBackendSpec,
+    "serving engine": ServingEngineSpec,
     "logger": LoggerSpec,
     "command": CommandSpec,
 }

@@ -259,6 +259,31 @@ class GenerationBackendSpec:
 
 
 @dataclass(frozen=True)
+class ServingEngineSpec:
+    """What generates the replies of ``tunesmith serve`` (``--engine NAME``).
+
+    ``engine`` is a :class:`tunesmith.serving.engine.ServingEngine` subclass or its dotted path,
+    imported only when chosen. ``devices`` names the devices it can run on (``("cuda",)``);
+    empty means every device.
+    """
+
+    name: str
+    engine: Any
+    description: str = ""
+    devices: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        validate_name("serving engine", self.name)
+        if isinstance(self.devices, str):
+            raise PluginError(f"serving engine {self.name!r}: devices {self.devices!r}: expected a tuple of device names, e.g. ('cuda',)")
+        for device in self.devices:
+            validate_name("device", device)
+
+    def load(self):
+        return load_object(self.engine)
+
+
+@dataclass(frozen=True)
 class LoggerSpec:
     """An experiment tracker fed every metrics line: ``logger`` is a :class:`tunesmith.loggers.MetricsLogger`
     subclass or its dotted path, imported only when ``--report-to`` chooses it.

@@ -42,6 +42,10 @@ API_KEY_VARIABLE = "TUNESMITH_API_KEY"
 @click.option("--max-batch-size", default=32, type=click.IntRange(min=1), help="Most choices (a request's n each) generated in one batch.")
 @click.option("--max-body-bytes", default=1 << 20, type=click.IntRange(min=1), help="Largest request body accepted; larger is answered 413.")
 @click.option("--default-max-tokens", default=256, type=click.IntRange(min=1), help="Reply length limit for a request that sets no max_tokens.")
+@click.option(
+    "--engine", "engine_name", default="transformers", show_default=True,
+    help="What generates the replies: a registered serving engine (tunesmith plugins lists them).",
+)
 @click.option("--trust-remote-code/--no-trust-remote-code", default=False, show_default=True, help="Allow the model folder's own Python code to run.")
 @click.option("--device", default="auto", help="Device to run on: a registered device name (tunesmith env lists them), or auto.")
 @click.option(
@@ -50,7 +54,7 @@ API_KEY_VARIABLE = "TUNESMITH_API_KEY"
 )
 def serve_command(
     model, adapters, model_name, host, port, api_key, max_queue, max_batch_size, max_body_bytes, default_max_tokens,
-    trust_remote_code, device, precision,
+    engine_name, trust_remote_code, device, precision,
 ):
     """Serve the model and its adapters over OpenAI's HTTP API until interrupted.
 
@@ -64,40 +68,40 @@ def serve_command(
     except ImportError as missing:
         raise ConfigError(f"tunesmith serve needs starlette and uvicorn ({missing}); install them: pip install 'tunesmith[serve]'") from None
 
-    from tunesmith import models
-    from tunesmith.adapters import base_model, load_named_adapters
+    from tunesmith.adapters import base_model
     from tunesmith.plugins import create_plugin_manager
     from tunesmith.runtime import select_runtime
-    from tunesmith.serving.batcher import Batcher
+    from tunesmith.serving.engine import serving_engine_class
     from tunesmith.serving.server import ServerSettings, create_app
 
     if api_key is None and not _loopback(host):
         raise ConfigError(f"--host {host} accepts connections from other machines; set --api-key (or ${API_KEY_VARIABLE}) too")
     adapter_paths = parse_adapter_options(adapters)
-    runtime = select_runtime(create_plugin_manager(), device, precision)
+    manager = create_plugin_manager()
+    runtime = select_runtime(manager, device, precision)
+    engine_class = serving_engine_class(manager, engine_name, runtime)
     base = base_model(model, next(iter(adapter_paths.values()), None))
     served_name = model_name or Path(base).name
     if served_name in adapter_paths:
         raise ConfigError(f"--adapter {served_name}=...: the base model is served under that name; give the adapter another name or set --model-name")
     click.echo(runtime.describe(), err=True)
-    loaded, tokenizer = models.load_for_inference(base, runtime, None, trust_remote_code)
-    if adapter_paths:
-        loaded = load_named_adapters(loaded, adapter_paths)
-    batcher = Batcher(loaded, tokenizer, adapters=tuple(adapter_paths), max_queue=max_queue, max_batch_rows=max_batch_size)
+    engine = engine_class.load(
+        base, adapter_paths, runtime, max_queue=max_queue, max_batch_rows=max_batch_size, trust_remote_code=trust_remote_code
+    )
     settings = ServerSettings(
         base_model=served_name,
         adapters=tuple(adapter_paths),
         api_key=api_key,
         max_body_bytes=max_body_bytes,
-        context_length=getattr(loaded.config, "max_position_embeddings", None),
+        context_length=engine.context_length,
         default_max_tokens=default_max_tokens,
     )
     click.echo(f"serving {', '.join((served_name, *adapter_paths))} on http://{host}:{port}/v1", err=True)
-    batcher.start()
+    engine.start()
     try:
-        uvicorn.run(create_app(batcher, settings), host=host, port=port, log_level="info")
+        uvicorn.run(create_app(engine, settings), host=host, port=port, log_level="info")
     finally:
-        batcher.close()
+        engine.close()
 
 
 def parse_adapter_options(values: tuple[str, ...]) -> dict[str, Path]:

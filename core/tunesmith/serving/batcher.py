@@ -17,36 +17,24 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from tunesmith.decoding import STOP, DecodeBatch, Row, generation_mode
-from tunesmith.generation import GenerationOptions, pad_token_id, stop_token_ids
+from tunesmith.generation import pad_token_id, stop_token_ids
 from tunesmith.serving.choice_text import ChoiceText
+from tunesmith.serving.engine import CANCELLED, ChoicePiece, Job, QueueFull, ServingEngine
 
-#: the finish reason of a row whose request went away (a client that disconnected)
-CANCELLED = "cancelled"
+if TYPE_CHECKING:
+    from tunesmith.runtime import Runtime
+
 #: how many past batches :attr:`Batcher.recent_batches` keeps
 RECENT_BATCHES = 256
-
-
-@dataclass(frozen=True)
-class ChoicePiece:
-    """What one choice of a request gained in one decode step.
-
-    ``text`` is what may be sent now (possibly empty while a stop string might be starting);
-    ``token_ids`` and ``logprobs`` are the step's new tokens and their log-probabilities;
-    ``finish_reason`` is set on the choice's last piece: ``"stop"`` or ``"length"``.
-    """
-
-    index: int
-    text: str
-    token_ids: tuple[int, ...]
-    logprobs: tuple[float, ...]
-    finish_reason: str | None
 
 
 @dataclass(frozen=True)
@@ -64,48 +52,30 @@ class BatchRecord:
     joined_at_step: tuple[int, ...]
 
 
-class QueueFull(Exception):
-    """The queue already holds ``max_queue`` waiting requests."""
-
-
-class Job:
-    """One request's generation: ``n`` choices continuing ``prompt_ids``.
-
-    ``deliver`` is called from the worker thread: with a list of :class:`ChoicePiece` after each
-    step in which choices changed, with ``None`` once every choice has finished, or with the
-    exception that ended the batch.
-    """
-
-    def __init__(
-        self,
-        prompt_ids: Sequence[int],
-        options: GenerationOptions,
-        *,
-        n: int,
-        stop: Sequence[str],
-        adapter: str | None,
-        deliver: Callable[[list[ChoicePiece] | BaseException | None], None],
-    ):
-        self.prompt_ids = list(prompt_ids)
-        self.options = options
-        self.n = n
-        self.stop = tuple(stop)
-        self.adapter = adapter
-        self.deliver = deliver
-        self.cancelled = threading.Event()
-
-
-class Batcher:
-    """The worker thread, its queue, and the model it owns.
+class Batcher(ServingEngine):
+    """The ``transformers`` serving engine: the worker thread, its queue, and the model it owns.
 
     ``model`` is a causal LM, or a peft model holding every adapter in ``adapters`` (a request
     names one, or None for the base model). Nothing else may use the model while the worker
     runs, except inside :meth:`paused`.
     """
 
+    @classmethod
+    def load(
+        cls, model: str, adapters: dict[str, Path], runtime: Runtime, *, max_queue: int, max_batch_rows: int, trust_remote_code: bool
+    ) -> Batcher:
+        from tunesmith.adapters import load_named_adapters
+        from tunesmith.models import load_for_inference
+
+        loaded, tokenizer = load_for_inference(model, runtime, None, trust_remote_code)
+        if adapters:
+            loaded = load_named_adapters(loaded, adapters)
+        return cls(loaded, tokenizer, adapters=tuple(adapters), max_queue=max_queue, max_batch_rows=max_batch_rows)
+
     def __init__(self, model, tokenizer, *, adapters: Sequence[str] = (), max_queue: int, max_batch_rows: int):
         self.model = model
         self.tokenizer = tokenizer
+        self.context_length = getattr(model.config, "max_position_embeddings", None)
         self.adapters = tuple(adapters)
         self.max_queue = max_queue
         self.max_batch_rows = max_batch_rows

@@ -1,7 +1,7 @@
 """The HTTP routes of ``tunesmith serve``, shaped like OpenAI's API.
 
 ``POST /v1/chat/completions`` and ``POST /v1/completions`` queue a request with the
-:class:`~tunesmith.serving.batcher.Batcher` and answer with the whole reply, or stream it as
+serving engine (:class:`~tunesmith.serving.engine.ServingEngine`) and answer with the whole reply, or stream it as
 server-sent events ending in ``data: [DONE]``. ``GET /v1/models`` lists the base model and its
 adapters (a request's ``model`` picks one); ``GET /health`` answers without a key. With an API
 key set, every other route needs ``Authorization: Bearer KEY``. Every failure is answered with
@@ -25,14 +25,14 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from tunesmith.generation import GenerationOptions, prompt_ids
-from tunesmith.serving.batcher import Batcher, ChoicePiece, Job, QueueFull
+from tunesmith.serving.engine import ChoicePiece, Job, QueueFull, ServingEngine
 from tunesmith.serving.errors import APIError
 from tunesmith.serving.requests import GenerationRequest, parse_body, parse_chat_request, parse_completion_request
 
 
 @dataclass(frozen=True)
 class ServerSettings:
-    """What the routes need besides the batcher.
+    """What the routes need besides the engine.
 
     ``base_model`` is the name a request gives for the base model alone; each of ``adapters``
     is also a model name. ``context_length`` (None: unknown) bounds prompt plus reply;
@@ -47,9 +47,9 @@ class ServerSettings:
     default_max_tokens: int
 
 
-def create_app(batcher: Batcher, settings: ServerSettings) -> Starlette:
-    """The ASGI application serving ``batcher``'s model."""
-    routes = _Routes(batcher, settings)
+def create_app(engine: ServingEngine, settings: ServerSettings) -> Starlette:
+    """The ASGI application serving ``engine``'s model."""
+    routes = _Routes(engine, settings)
     return Starlette(
         routes=[
             Route("/health", routes.health, methods=["GET"]),
@@ -75,8 +75,8 @@ async def _unexpected_error(request: Request, error: Exception) -> Response:
 
 
 class _Routes:
-    def __init__(self, batcher: Batcher, settings: ServerSettings):
-        self.batcher = batcher
+    def __init__(self, engine: ServingEngine, settings: ServerSettings):
+        self.engine = engine
         self.settings = settings
         self.created = int(time.time())
 
@@ -91,13 +91,13 @@ class _Routes:
 
     async def chat_completions(self, request: Request) -> Response:
         self._authorize(request)
-        parsed = parse_chat_request(parse_body(await self._body(request)), self.batcher.max_batch_rows)
-        return await self._generate(parsed, prompt_ids(self.batcher.tokenizer, list(parsed.messages)))
+        parsed = parse_chat_request(parse_body(await self._body(request)), self.engine.max_batch_rows)
+        return await self._generate(parsed, prompt_ids(self.engine.tokenizer, list(parsed.messages)))
 
     async def completions(self, request: Request) -> Response:
         self._authorize(request)
-        parsed = parse_completion_request(parse_body(await self._body(request)), self.batcher.max_batch_rows)
-        return await self._generate(parsed, list(self.batcher.tokenizer(parsed.prompt)["input_ids"]))
+        parsed = parse_completion_request(parse_body(await self._body(request)), self.engine.max_batch_rows)
+        return await self._generate(parsed, list(self.engine.tokenizer(parsed.prompt)["input_ids"]))
 
     def _authorize(self, request: Request) -> None:
         key = self.settings.api_key
@@ -142,10 +142,10 @@ class _Routes:
 
         job = Job(ids, options, n=parsed.n, stop=parsed.stop, adapter=adapter, deliver=deliver)
         try:
-            self.batcher.submit(job)
+            self.engine.submit(job)
         except QueueFull as full:
             raise APIError(429, f"the server is busy: {full}; retry later", type="rate_limit_error", code="queue_full") from None
-        reply = _Reply(parsed, len(ids), self.batcher.tokenizer)
+        reply = _Reply(parsed, len(ids), self.engine.tokenizer)
         if parsed.stream:
             return StreamingResponse(self._events(job, queue, reply), media_type="text/event-stream")
         finished = False
@@ -155,7 +155,7 @@ class _Routes:
             finished = True
         finally:
             if not finished:
-                self.batcher.cancel(job)
+                self.engine.cancel(job)
         return JSONResponse(reply.whole())
 
     async def _events(self, job: Job, queue: asyncio.Queue, reply: _Reply) -> AsyncIterator[str]:
@@ -182,7 +182,7 @@ class _Routes:
             finished = True
         finally:
             if not finished:  # the client went away: its rows stop at the next decode step
-                self.batcher.cancel(job)
+                self.engine.cancel(job)
 
     def _adapter(self, model: str) -> str | None:
         if model == self.settings.base_model:

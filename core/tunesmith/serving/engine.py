@@ -1,0 +1,140 @@
+"""Serving engines: what generates the replies of ``tunesmith serve``, chosen with ``--engine``.
+
+The server turns each request into a :class:`Job` and hands it to the engine, which calls the
+job's ``deliver`` with the :class:`ChoicePiece` its choices gain, step by step. The built-in
+``transformers`` engine (:class:`tunesmith.serving.batcher.Batcher`) batches requests
+continuously on every device; a plugin may register another (vLLM on CUDA) with
+``tunesmith_register_serving_engines``.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tunesmith.errors import ConfigError, PluginError
+
+if TYPE_CHECKING:
+    from tunesmith.generation import GenerationOptions
+    from tunesmith.plugins import PluginManager
+    from tunesmith.runtime import Runtime
+
+#: the engine ``tunesmith serve`` uses unless told otherwise; it runs on every device
+DEFAULT_SERVING_ENGINE = "transformers"
+#: the finish reason of a choice whose request went away (a client that disconnected)
+CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class ChoicePiece:
+    """What one choice of a request gained in one decode step.
+
+    ``text`` is what may be sent now (possibly empty while a stop string might be starting);
+    ``token_ids`` and ``logprobs`` are the step's new tokens and their log-probabilities;
+    ``finish_reason`` is set on the choice's last piece: ``"stop"`` or ``"length"``.
+    """
+
+    index: int
+    text: str
+    token_ids: tuple[int, ...]
+    logprobs: tuple[float, ...]
+    finish_reason: str | None
+
+
+class QueueFull(Exception):
+    """The queue already holds ``max_queue`` waiting requests."""
+
+
+class Job:
+    """One request's generation: ``n`` choices continuing ``prompt_ids``.
+
+    ``deliver`` is called from the worker thread: with a list of :class:`ChoicePiece` after each
+    step in which choices changed, with ``None`` once every choice has finished, or with the
+    exception that ended the batch.
+    """
+
+    def __init__(
+        self,
+        prompt_ids: Sequence[int],
+        options: GenerationOptions,
+        *,
+        n: int,
+        stop: Sequence[str],
+        adapter: str | None,
+        deliver: Callable[[list[ChoicePiece] | BaseException | None], None],
+    ):
+        self.prompt_ids = list(prompt_ids)
+        self.options = options
+        self.n = n
+        self.stop = tuple(stop)
+        self.adapter = adapter
+        self.deliver = deliver
+        self.cancelled = threading.Event()
+
+
+class ServingEngine(ABC):
+    """Generates the replies to the server's requests.
+
+    Made by :meth:`load`; the server then calls :meth:`start` once, :meth:`submit` for each
+    request and :meth:`cancel` when its client goes away (both from the server's event loop:
+    they must not block), and :meth:`close` when it stops. A job's ``deliver`` may be called
+    from any thread.
+    """
+
+    #: renders and counts the prompts (chat template, ``/v1/completions`` text)
+    tokenizer: Any
+    #: the most choices one request may ask for (its ``n``)
+    max_batch_rows: int
+    #: the most tokens of prompt and reply together, or None when unknown
+    context_length: int | None = None
+
+    @classmethod
+    @abstractmethod
+    def load(
+        cls, model: str, adapters: dict[str, Path], runtime: Runtime, *, max_queue: int, max_batch_rows: int, trust_remote_code: bool
+    ) -> ServingEngine:
+        """The engine for ``model`` (a local folder, Hub ID or alias) and each of ``adapters``
+        (a peft adapter folder by the model name requests give for it), on ``runtime``'s device
+        and precision, queueing at most ``max_queue`` requests."""
+
+    def start(self) -> None:
+        """Begin generating for submitted jobs."""
+
+    @abstractmethod
+    def submit(self, job: Job) -> None:
+        """Queue ``job`` for its adapter (``job.adapter``, None for the base model); raise
+        :class:`QueueFull` when ``max_queue`` requests already wait."""
+
+    @abstractmethod
+    def cancel(self, job: Job) -> None:
+        """Stop generating for ``job`` (waiting or running) and free what it held."""
+
+    def close(self) -> None:
+        """Stop; jobs still waiting are never answered."""
+
+
+def serving_engine_class(manager: PluginManager, name: str, runtime: Runtime) -> type[ServingEngine]:
+    """The class of the registered engine ``name``, checked to run on ``runtime``'s device.
+
+    Fails, listing what would work, when no engine has that name or it does not run there; an
+    import failure names the plugin that registered it.
+    """
+    registered = manager.get("serving engine", name)
+    device = runtime.device.name
+    if registered.spec.devices and device not in registered.spec.devices:
+        fitting = sorted(n for n, r in manager.collect("serving engine").items() if not r.spec.devices or device in r.spec.devices)
+        raise ConfigError(
+            f"--engine {name}: runs on {', '.join(registered.spec.devices)}, not on device {device!r}; "
+            f"engines for {device}: {', '.join(fitting) or 'none'}"
+        )
+    engine_class = registered.load()
+    if not (isinstance(engine_class, type) and issubclass(engine_class, ServingEngine)):
+        raise PluginError(
+            f"serving engine {name!r} from plugin {registered.plugin} (distribution {registered.distribution}) "
+            f"is {engine_class!r}, not a tunesmith.serving.engine.ServingEngine subclass"
+        )
+    return engine_class
