@@ -75,7 +75,7 @@ def test_asking_for_a_missing_backend_lists_the_installed_ones():
 
 def test_a_backend_for_other_devices_is_refused_naming_those_that_fit():
     manager = manager_with(GenerationBackendSpec("gpu-only", EchoBackend, devices=("cuda",)))
-    with pytest.raises(ConfigError, match=r"'gpu-only' runs on cuda, not on device 'cpu'; backends for cpu: merged, transformers"):
+    with pytest.raises(ConfigError, match=r"generation backend 'gpu-only' runs on cuda, not on device 'cpu'; generation backends for cpu: merged, transformers"):
         create_generation_backend(manager, "gpu-only", None, None, cpu_device())
 
 

@@ -74,7 +74,7 @@ def test_the_transformers_engine_is_built_in_and_a_plugin_engine_is_found_by_nam
 def test_an_engine_for_other_devices_or_not_an_engine_is_refused():
     manager = manager_with(ServingEngineSpec("gpu-only", CannedEngine, devices=("cuda",)), ServingEngineSpec("odd", "collections:OrderedDict"))
     runtime = select_runtime(manager, "cpu", "fp32")
-    with pytest.raises(ConfigError, match=r"--engine gpu-only: runs on cuda, not on device 'cpu'; engines for cpu: odd, transformers"):
+    with pytest.raises(ConfigError, match=r"serving engine 'gpu-only' runs on cuda, not on device 'cpu'; serving engines for cpu: odd, transformers"):
         serving_engine_class(manager, "gpu-only", runtime)
     with pytest.raises(PluginError, match="not a tunesmith.serving.engine.ServingEngine subclass"):
         serving_engine_class(manager, "odd", runtime)

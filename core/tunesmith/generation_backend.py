@@ -16,7 +16,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from tunesmith.errors import ConfigError, PluginError
+from tunesmith.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -186,18 +186,5 @@ def create_generation_backend(manager: PluginManager, name: str, model: Any, tok
     """
     if name == AUTO:
         name = "merged" if can_merge_adapters(model) else DEFAULT_GENERATION_BACKEND
-    registered = manager.get("generation backend", name)
-    devices = registered.spec.devices
-    if devices and device.name not in devices:
-        fitting = sorted(n for n, r in manager.collect("generation backend").items() if not r.spec.devices or device.name in r.spec.devices)
-        raise ConfigError(
-            f"generation backend {name!r} runs on {', '.join(devices)}, not on device {device.name!r}; "
-            f"backends for {device.name}: {', '.join(fitting) or 'none'}"
-        )
-    backend_class = registered.load()
-    if not (isinstance(backend_class, type) and issubclass(backend_class, GenerationBackend)):
-        raise PluginError(
-            f"generation backend {name!r} from plugin {registered.plugin} (distribution {registered.distribution}) "
-            f"is {backend_class!r}, not a tunesmith.generation_backend.GenerationBackend subclass"
-        )
+    backend_class = manager.load_class("generation backend", name, GenerationBackend, device.name)
     return backend_class(model, tokenizer, device)

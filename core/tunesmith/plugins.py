@@ -21,7 +21,7 @@ from importlib import metadata
 import pluggy
 
 from tunesmith import hookspecs
-from tunesmith.errors import PluginError
+from tunesmith.errors import ConfigError, PluginError
 from tunesmith.hooks import PROJECT_NAME
 from tunesmith.records import (
     CommandSpec,
@@ -239,6 +239,25 @@ class PluginManager:
             installed = ", ".join(sorted(registered)) or "none"
             raise PluginError(f"no {kind} named {name!r} is installed; installed: {installed}")
         return registered[name]
+
+    def load_class(self, kind: str, name: str, base: type, device: str) -> type:
+        """The class the record of ``kind`` named ``name`` gives (a generation backend, a serving
+        engine), checked to subclass ``base`` and, where the record lists ``devices``, to run on
+        ``device``; a refusal lists the ones that do."""
+        registered = self.get(kind, name)
+        devices = registered.spec.devices
+        if devices and device not in devices:
+            fitting = sorted(other for other, record in self.collect(kind).items() if not record.spec.devices or device in record.spec.devices)
+            raise ConfigError(
+                f"{kind} {name!r} runs on {', '.join(devices)}, not on device {device!r}; {kind}s for {device}: {', '.join(fitting) or 'none'}"
+            )
+        loaded = registered.load()
+        if not (isinstance(loaded, type) and issubclass(loaded, base)):
+            raise PluginError(
+                f"{kind} {name!r} from plugin {registered.plugin} (distribution {registered.distribution}) "
+                f"is {loaded!r}, not a {base.__module__}.{base.__qualname__} subclass"
+            )
+        return loaded
 
     def device_candidates(self) -> list[DeviceCandidate]:
         candidates = []

@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tunesmith.errors import ConfigError, PluginError
-
 if TYPE_CHECKING:
     from tunesmith.generation import GenerationOptions
     from tunesmith.plugins import PluginManager
@@ -123,18 +121,4 @@ def serving_engine_class(manager: PluginManager, name: str, runtime: Runtime) ->
     Fails, listing what would work, when no engine has that name or it does not run there; an
     import failure names the plugin that registered it.
     """
-    registered = manager.get("serving engine", name)
-    device = runtime.device.name
-    if registered.spec.devices and device not in registered.spec.devices:
-        fitting = sorted(n for n, r in manager.collect("serving engine").items() if not r.spec.devices or device in r.spec.devices)
-        raise ConfigError(
-            f"--engine {name}: runs on {', '.join(registered.spec.devices)}, not on device {device!r}; "
-            f"engines for {device}: {', '.join(fitting) or 'none'}"
-        )
-    engine_class = registered.load()
-    if not (isinstance(engine_class, type) and issubclass(engine_class, ServingEngine)):
-        raise PluginError(
-            f"serving engine {name!r} from plugin {registered.plugin} (distribution {registered.distribution}) "
-            f"is {engine_class!r}, not a tunesmith.serving.engine.ServingEngine subclass"
-        )
-    return engine_class
+    return manager.load_class("serving engine", name, ServingEngine, runtime.device.name)
