@@ -83,7 +83,7 @@ class TransformersBackend(GenerationBackend):
         from tunesmith.generation import generate_batch
 
         return generate_batch(
-            self.model,
+            self.generating_model(),
             self.tokenizer,
             prompts,
             options,
@@ -96,8 +96,12 @@ class TransformersBackend(GenerationBackend):
     def sync_weights(self, model: Any) -> None:
         self.model = model
 
+    def generating_model(self) -> Any:
+        """The model the next generation runs."""
+        return self.model
 
-class MergedLoRABackend(GenerationBackend):
+
+class MergedLoRABackend(TransformersBackend):
     """Generates with a copy of the policy whose LoRA adapters are merged into its weights.
 
     A decode step of a small batch is many small operations, and an unmerged adapter adds
@@ -116,24 +120,10 @@ class MergedLoRABackend(GenerationBackend):
         self.merged = copy.deepcopy(model).merge_and_unload()
         self.stale = True
 
-    def generate(
-        self,
-        prompts: list[list[int]],
-        options: GenerationOptions,
-        *,
-        num_return_sequences: int = 1,
-        generator: torch.Generator | None = None,
-        stop_strings: Sequence[str] = (),
-        all_finished: Callable[[bool], bool] | None = None,
-    ) -> list[Completion]:
-        from tunesmith.generation import generate_batch
-
+    def generating_model(self) -> Any:
         if self.stale:
             self._merge()
-        return generate_batch(
-            self.merged, self.tokenizer, prompts, options,
-            num_return_sequences=num_return_sequences, generator=generator, stop_strings=stop_strings,
-        )
+        return self.merged
 
     def sync_weights(self, model: Any) -> None:
         self.model, self.stale = model, True
