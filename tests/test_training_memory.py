@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tunesmith.engine import frozen_weights_dtype
-from tunesmith.lora_inputs import LoRAInput
+from tunesmith.lora_inputs import LoRAInput, keep_mask
 from tunesmith.models import apply_adapter, load_model
 from tunesmith.strategies.fsdp import FSDPStrategy
 from tunesmith.strategy import SingleDeviceStrategy
@@ -52,6 +52,21 @@ def test_lora_dropout_keeps_only_a_boolean_mask_and_computes_in_the_autocast_dty
     out.float().sum().backward()
     assert x.grad.dtype == torch.float32
     assert torch.equal(x.grad, kept.float() * 2)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.5])
+def test_lora_dropout_drops_each_element_independently_with_probability_p(p):
+    """Four elements come from each 64-bit draw: each drops with p, and no two of a draw drop together more often."""
+    torch.manual_seed(0)
+    count = 1_000_000
+    keep = keep_mask(torch.empty(count), round(p * 2**15)).view(-1, 4).double()
+    tolerance = 5 * (p * (1 - p) / (count / 4)) ** 0.5  # five standard deviations of one word position's mean
+    assert torch.allclose(1 - keep.mean(dim=0), torch.full((4,), p, dtype=torch.double), atol=tolerance)
+    both_kept = (keep[:, :, None] * keep[:, None, :]).mean(dim=0)  # pairs of word positions within a draw
+    off_diagonal = both_kept[~torch.eye(4, dtype=torch.bool)]
+    assert torch.allclose(off_diagonal, torch.full_like(off_diagonal, (1 - p) ** 2), atol=tolerance)
+    torch.manual_seed(0)
+    assert torch.equal(keep_mask(torch.empty(count), round(p * 2**15)).view(-1, 4).double(), keep)  # the seeded generator's
 
 
 def test_lora_input_without_dropout_or_in_eval_is_a_cast_and_no_copy_when_the_dtype_matches():
