@@ -115,7 +115,9 @@ def peak_tensor_bytes(step) -> int:
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
         step()
-    allocations = sorted((e for e in profiler.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns())
+    allocations = sorted(
+        (e for e in profiler.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
     live = peak = 0
     for allocation in allocations:
         live += allocation.nbytes()
@@ -131,8 +133,17 @@ def test_gradient_checkpointing_lowers_the_peak_of_a_lora_step_by_more_than_half
 
     def lora_step_peak(checkpointing: bool) -> int:
         torch.manual_seed(0)
-        config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=256, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2)
-        model = apply_adapter(LlamaForCausalLM(config).to(frozen_weights_dtype("lora", precision, SingleDeviceStrategy)), "lora", 4, 8, 0.05)
+        config = LlamaConfig(
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=256,
+            num_hidden_layers=6,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+        model = apply_adapter(
+            LlamaForCausalLM(config).to(frozen_weights_dtype("lora", precision, SingleDeviceStrategy)), "lora", 4, 8, 0.05
+        )
         if checkpointing:
             enable_activation_checkpointing(model)
         model.train()
@@ -148,10 +159,17 @@ def test_gradient_checkpointing_lowers_the_peak_of_a_lora_step_by_more_than_half
     assert lora_step_peak(checkpointing=True) < 0.5 * lora_step_peak(checkpointing=False)
 
 
-@pytest.mark.parametrize(("options", "checkpointing", "released"), [
-    (["--low-memory", "--no-release-memory"], True, True), ([], False, True), (["--no-release-memory"], False, False),
-])
-def test_low_memory_checkpoints_and_training_returns_freed_memory_unless_told_not_to(tiny_model_dir, tmp_path, monkeypatch, options, checkpointing, released):
+@pytest.mark.parametrize(
+    ("options", "checkpointing", "released"),
+    [
+        (["--low-memory", "--no-release-memory"], True, True),
+        ([], False, True),
+        (["--no-release-memory"], False, False),
+    ],
+)
+def test_low_memory_checkpoints_and_training_returns_freed_memory_unless_told_not_to(
+    tiny_model_dir, tmp_path, monkeypatch, options, checkpointing, released
+):
     from tests.helpers import chat_rows, run_cli, write_jsonl
     from tunesmith import engine
 
@@ -160,7 +178,12 @@ def test_low_memory_checkpoints_and_training_returns_freed_memory_unless_told_no
     monkeypatch.setattr(engine, "enable_activation_checkpointing", lambda model: (checkpointed.append(model), real(model)))
     monkeypatch.setattr(engine, "return_large_blocks_to_the_system", lambda: releases.append(True))
     data = write_jsonl(tmp_path / "train.jsonl", chat_rows(4))
-    assert run_cli("sft", "--model", tiny_model_dir, "--dataset", data, "--output-dir", tmp_path / "run", "--max-steps", "1", *options) == 0
+    assert (
+        run_cli(
+            "sft", "--model", tiny_model_dir, "--dataset", data, "--output-dir", tmp_path / "run", "--max-steps", "1", *options
+        )
+        == 0
+    )
     assert len(checkpointed) == checkpointing and releases == [True] * released
     if checkpointing:
         assert any(getattr(module, "gradient_checkpointing", False) for module in checkpointed[0].modules())

@@ -26,7 +26,6 @@ from typing import Callable
 import torch
 from torch import nn
 
-
 _RESOLUTION = 1 << 15
 
 
