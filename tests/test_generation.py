@@ -14,6 +14,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from tunesmith.decoding import draw
 from tunesmith.engine import enable_activation_checkpointing
 from tunesmith.errors import ConfigError
 from tunesmith.generation import GenerationOptions, generate_batch, stream_reply
@@ -105,12 +106,26 @@ def test_greedy_batch_equals_transformers_per_prompt_unpadded(model, tokenizer, 
         assert completion.text == tokenizer.decode(completion.token_ids, skip_special_tokens=True)
 
 
-def test_sampling_equals_transformers_drawing_the_same_numbers(model, tokenizer, prompts):
-    # A fresh CPU generator and the freshly seeded global one yield the same stream, so the same
-    # tokens mean that temperature, top-k, top-p and the repetition penalty shaped the same distribution.
+def test_sampling_equals_transformers_drawing_the_same_numbers(model, tokenizer, prompts, monkeypatch):
+    # transformers draws with torch.multinomial, tunesmith with decoding.draw (tested on its own
+    # below); here transformers draws as tunesmith does, from the global generator. A fresh CPU
+    # generator and the freshly seeded global one yield the same stream, so the same tokens mean
+    # that temperature, top-k, top-p and the repetition penalty shaped the same distribution.
+    monkeypatch.setattr(torch, "multinomial", lambda probabilities, num_samples: draw(probabilities, None)[:, None])
     for prompt in prompts:
         ours = generate_batch(model, tokenizer, [prompt], SAMPLED, generator=seeded(5))[0].token_ids
         assert ours == transformers_ids(model, tokenizer, prompt, SAMPLED, seed=5)
+
+
+def test_draw_picks_each_index_with_its_probability_and_never_one_of_probability_zero():
+    probabilities = torch.tensor([[0.1, 0.0, 0.6, 0.3, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0]], dtype=torch.float32)
+    draws = 200_000
+    drawn = draw(probabilities.repeat(draws, 1), seeded(0)).view(draws, 2)
+    counts = torch.stack([torch.bincount(drawn[:, row], minlength=5) for row in range(2)]).double()
+    tolerance = 5 * (0.25 / draws) ** 0.5  # five standard deviations at worst (p = 0.5)
+    assert torch.allclose(counts / draws, probabilities.double(), atol=tolerance)
+    assert counts[0, 1] == counts[0, 4] == 0 and counts[1, 4] == draws
+    assert torch.equal(draw(probabilities.repeat(draws, 1), seeded(0)).view(draws, 2), drawn)
 
 
 def test_seeded_sampling_is_reproducible_varied_and_leaves_the_global_rng_alone(model, tokenizer, prompts):
