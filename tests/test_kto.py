@@ -214,7 +214,9 @@ def test_two_processes_share_one_reference_point(tiny_model_dir, tmp_path):
     single, ddp = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "ddp")
     assert max(line["kl"] for line in single) > 0.05  # the reference point took part
     for key in ("loss", "kl", "rewards/chosen_sum", "rewards/rejected_sum"):
-        assert [line[key] for line in ddp] == pytest.approx([line[key] for line in single], rel=1e-5, abs=1e-6), key
+        # kl is a mean of differences of nearly equal log-probabilities: rounding weighs more in it.
+        relative = 1e-4 if key == "kl" else 1e-5
+        assert [line[key] for line in ddp] == pytest.approx([line[key] for line in single], rel=relative, abs=1e-6), key
 
 
 def test_batch_size_one_is_refused(tiny_model_dir, tmp_path, capsys):

@@ -8,14 +8,19 @@ The full-vocabulary logits of a batch are never materialised. While the model ru
 through its top-level module, so that peft, DDP, FSDP and ZeRO wrappers see the call), its
 output head is asked for the target positions only, a chunk of tokens at a time: each chunk's
 logits exist in the compute dtype (and one fp32 copy for the log-softmax) only while that
-chunk is scored, and in backward they are recomputed chunk by chunk
-(:func:`torch.utils.checkpoint.checkpoint`). Peak memory for the loss is then one chunk's
-logits, not batch x sequence x vocabulary. A model that changes its logits after the head
+chunk is scored. Peak memory for the loss is then one chunk's logits, not batch x sequence x
+vocabulary. Backward needs each chunk's logits again. When the head is trained, they are
+recomputed chunk by chunk (:func:`torch.utils.checkpoint.checkpoint`). When it is frozen (LoRA),
+each target's log-probability depends on the rest of the model only through its own hidden
+state, so the gradient of each log-probability with respect to that state (a hidden-size vector)
+is taken while the chunk is scored, and backward only scales it by the gradient that reaches the
+log-probability: the chunk's logits are made once, not twice. A model that changes its logits after the head
 (Gemma 2's soft-capping, Cohere's logit scale) is detected and scored the plain way.
 """
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -50,7 +55,7 @@ def target_logps(
     head = _output_head(model)
     chunked = getattr(head, "_tunesmith_chunked", None)
     if head is not None and chunked is not False:
-        scorer = _ChunkedScorer(trained, targets[trained], temperature, entropy, greedy, _vocab_size(model))
+        scorer = _ChunkedScorer(trained, targets[trained], temperature, entropy, greedy, _vocab_size(model), _head_is_frozen(head))
         with _scoring_head(head, scorer):
             logps = _forward(model, batch).logits
         if chunked is None:
@@ -94,8 +99,10 @@ def per_token_losses(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Ten
 class _ChunkedScorer:
     """Stands in for the head's forward: scores the target positions of its input, chunk by chunk."""
 
-    def __init__(self, trained: torch.Tensor, targets: torch.Tensor, temperature: float, entropy: bool, greedy: bool, vocab_size: int):
-        self.trained, self.targets = trained, targets
+    def __init__(
+        self, trained: torch.Tensor, targets: torch.Tensor, temperature: float, entropy: bool, greedy: bool, vocab_size: int, frozen_head: bool
+    ):
+        self.trained, self.targets, self.frozen_head = trained, targets, frozen_head
         self.temperature, self.want_entropy, self.want_greedy = temperature, entropy, greedy
         self.chunk_tokens = max(1, CHUNK_ELEMENTS // vocab_size)
         self.result: torch.Tensor | None = None
@@ -111,7 +118,9 @@ class _ChunkedScorer:
         # graph (DDP expects a gradient, even a zero one, for every parameter).
         for start in range(0, max(len(hidden), 1), self.chunk_tokens):
             piece = (head_forward, hidden[start : start + self.chunk_tokens], targets[start : start + self.chunk_tokens])
-            if recompute:
+            if recompute and self.frozen_head:
+                chunk_logps, chunk_entropy, chunk_greedy = _ScoredWithSlopes.apply(piece[1], functools.partial(self._score, head_forward, targets=piece[2]))
+            elif recompute:
                 chunk_logps, chunk_entropy, chunk_greedy = checkpoint(self._score, *piece, use_reentrant=False)
             else:
                 chunk_logps, chunk_entropy, chunk_greedy = self._score(*piece)
@@ -127,6 +136,39 @@ class _ChunkedScorer:
         logits = _at_least_fp32(head_forward(hidden)) / self.temperature
         logps = -F.cross_entropy(logits, targets, reduction="none")
         return logps, _entropy(logits) if self.want_entropy else None, _greedy(logits, targets) if self.want_greedy else None
+
+
+class _ScoredWithSlopes(torch.autograd.Function):
+    """A frozen head's scores of a chunk, with each log-probability's gradient by its hidden state kept for backward."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, score: Callable[[torch.Tensor], tuple]) -> tuple:
+        with torch.enable_grad():
+            leaf = hidden.detach().requires_grad_()
+            logps, entropy, greedy = score(leaf)
+            # Each log-probability depends on its own row of ``leaf`` only: the gradient of their
+            # sum holds, row by row, each one's gradient by its hidden state.
+            (slopes,) = torch.autograd.grad(logps.sum(), leaf)
+        ctx.save_for_backward(slopes)
+        outputs = (logps.detach(), entropy, greedy)
+        ctx.mark_non_differentiable(*(t for t in outputs[1:] if t is not None))
+        return outputs
+
+    @staticmethod
+    def backward(ctx, grad_logps: torch.Tensor, *_) -> tuple:
+        (slopes,) = ctx.saved_tensors
+        return (slopes * grad_logps[:, None]).to(slopes.dtype), None
+
+
+def _head_is_frozen(head: torch.nn.Module) -> bool:
+    """No parameter of ``head`` is trained, and no wrapper (FSDP, ZeRO-3) hooks its calls to gather or free them."""
+    parameters = list(head.parameters())
+    return (
+        not any(p.requires_grad for p in parameters)
+        and not head._forward_pre_hooks
+        and not head._forward_hooks
+        and all(type(p) in (torch.Tensor, torch.nn.Parameter) and not hasattr(p, "ds_id") for p in parameters)
+    )
 
 
 def _at_least_fp32(logits: torch.Tensor) -> torch.Tensor:
