@@ -15,11 +15,13 @@ time, peak memory, and the ratios. The rest depends on ``--settings``:
     ``trl_run.py`` sets there), ``gradient_checkpointing=True``, ``packing=False``,
     ``padding_free=False``, each batch padded to its longest row; loss on every token (tunesmith:
     on the assistant's), logged every 10 steps (tunesmith: every step).
-``best`` - each tool's fastest settings here. tunesmith: ``--packing`` (rows of 512 tokens,
-    attention kept within each sample) and ``--no-release-memory`` (freed memory kept for reuse
-    rather than handed back to the system: a higher peak, no page faults), its speed options
-    on CPU (``--liger`` is CUDA's). TRL: ``gradient_checkpointing=False`` and ``packing=True``
-    (its default ``bfd`` strategy, which turns on padding-free batches); see ``TRL_BEST`` for why.
+``best`` - each tool's fastest settings here. tunesmith: ``--no-release-memory`` (freed memory
+    kept for reuse rather than handed back to the system: a higher peak, no page faults) with
+    its default batches of rows of similar length, which on CPU are faster than ``--packing``
+    (``--liger`` is CUDA's). TRL: ``gradient_checkpointing=False`` and ``packing=True`` (its
+    default ``bfd`` strategy, which turns on padding-free batches); see ``TRL_BEST`` for why.
+``packing`` - as ``best``, tunesmith with ``--packing`` (rows of 512 tokens, attention kept
+    within each sample): tunesmith's packing next to TRL's.
 
 Run from the repository root with the repository installed (``make install``):
 
@@ -55,7 +57,7 @@ COUNTED = "each chat rendered by the model's chat template and tokenized, capped
 def main(argv: list[str] | None = None) -> dict:
     """Run the comparison for the command line ``argv`` (default: this process's); the result."""
     parser = harness.argument_parser(__doc__.split("\n\n")[0], rows=120)
-    parser.add_argument("--settings", choices=["defaults", "best"], default="defaults")
+    parser.add_argument("--settings", choices=["defaults", "best", "packing"], default="defaults")
     args = harness.parse(parser, argv, __file__)
     with tempfile.TemporaryDirectory(prefix="bench-sft-", dir=args.dir) as work_dir:
         work_dir = Path(work_dir)
@@ -81,11 +83,11 @@ def tunesmith_command(model: Path, dataset: Path, settings: dict, which: str) ->
         "--max-length", str(settings["max_length"]), "--batch-size", str(settings["batch_size"]),
         "--epochs", str(settings["epochs"]), "--lora-rank", str(settings["lora_rank"]),
     ]
-    return command + (["--packing", "--no-release-memory"] if which == "best" else [])
+    return command + {"defaults": [], "best": ["--no-release-memory"], "packing": ["--packing", "--no-release-memory"]}[which]
 
 
 def trl_command(model: Path, dataset: Path, settings: dict, which: str) -> list[str]:
-    return harness.trl_command("sft", model, dataset, settings) + (TRL_BEST if which == "best" else [])
+    return harness.trl_command("sft", model, dataset, settings) + (TRL_BEST if which != "defaults" else [])
 
 
 if __name__ == "__main__":
