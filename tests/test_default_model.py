@@ -62,7 +62,7 @@ def test_grpo_raises_smollm2s_accuracy_on_small_sums(tmp_path, monkeypatch, defa
 
     output = tmp_path / "grpo"
     assert run_cli("grpo", "--model", "smollm2-135m", "--dataset", data, "--output-dir", output, "--reward", "accuracy",
-                   "--num-generations", "8", "--batch-size", "16", "--max-completion-length", "8", "--max-steps", "8",
+                   "--num-generations", "8", "--batch-size", "16", "--max-completion-length", "8", "--max-steps", "6",
                    "--learning-rate", "1e-3", "--lora-rank", "16", "--lora-alpha", "32", "--warmup-steps", "0",
                    "--save-steps", "0", "--logging-steps", "1") == 0
     before, after = greedy_accuracy(), greedy_accuracy("--adapter", str(output / "final"))
