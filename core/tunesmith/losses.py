@@ -14,8 +14,9 @@ recomputed chunk by chunk (:func:`torch.utils.checkpoint.checkpoint`). When it i
 each target's log-probability depends on the rest of the model only through its own hidden
 state, so the gradient of each log-probability with respect to that state (a hidden-size vector)
 is taken while the chunk is scored, and backward only scales it by the gradient that reaches the
-log-probability: the chunk's logits are made once, not twice. A model that changes its logits after the head
-(Gemma 2's soft-capping, Cohere's logit scale) is detected and scored the plain way.
+log-probability: the chunk's logits are made once, not twice. A model that changes its logits
+after the head (Gemma 2's soft-capping, Cohere's logit scale) is detected and scored the plain
+way.
 """
 
 from __future__ import annotations
