@@ -14,6 +14,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
+from tunesmith import decoding
 from tunesmith.decoding import draw
 from tunesmith.engine import enable_activation_checkpointing
 from tunesmith.errors import ConfigError
@@ -117,7 +118,10 @@ def test_sampling_equals_transformers_drawing_the_same_numbers(model, tokenizer,
         assert ours == transformers_ids(model, tokenizer, prompt, SAMPLED, seed=5)
 
 
-def test_draw_picks_each_index_with_its_probability_and_never_one_of_probability_zero():
+@pytest.mark.parametrize("widest", [torch.float64, torch.float32], ids=["float64", "float32 (a device without float64)"])
+def test_draw_picks_each_index_with_its_probability_and_never_one_of_probability_zero(widest, monkeypatch):
+    asked = []
+    monkeypatch.setattr(decoding, "widest_float", lambda device: asked.append(device) or widest)
     probabilities = torch.tensor([[0.1, 0.0, 0.6, 0.3, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0]], dtype=torch.float32)
     draws = 200_000
     drawn = draw(probabilities.repeat(draws, 1), seeded(0)).view(draws, 2)
@@ -126,6 +130,7 @@ def test_draw_picks_each_index_with_its_probability_and_never_one_of_probability
     assert torch.allclose(counts / draws, probabilities.double(), atol=tolerance)
     assert counts[0, 1] == counts[0, 4] == 0 and counts[1, 4] == draws
     assert torch.equal(draw(probabilities.repeat(draws, 1), seeded(0)).view(draws, 2), drawn)
+    assert asked == [torch.device("cpu")] * 2
 
 
 def test_seeded_sampling_is_reproducible_varied_and_leaves_the_global_rng_alone(model, tokenizer, prompts):

@@ -45,3 +45,48 @@ def test_fp16_on_a_cpu_trains_with_a_note_saying_what_is_native(tmp_path, tiny_m
     assert run_cli("sft", "--model", tiny_model_dir, "--dataset", data, "--output-dir", tmp_path / "run", "--precision", "fp16",
                    "--max-steps", "1", "--save-steps", "0") == 0
     assert "fp16 is emulated on CPUs" in capsys.readouterr().out
+
+
+# -- a device without float64 (Apple's MPS) -------------------------------------------------------
+
+
+@pytest.fixture
+def without_float64(monkeypatch):
+    """This process's CPU refuses float64 tensors as MPS does, for ``widest_float``'s probe."""
+    from tunesmith import device
+
+    real_empty = torch.empty
+
+    def empty(*size, dtype=None, device=None, **kwargs):
+        if dtype == torch.float64:
+            raise TypeError("Cannot convert a MPS Tensor to float64 dtype as the MPS framework doesn't support float64.")
+        return real_empty(*size, dtype=dtype, device=device, **kwargs)
+
+    device.widest_float.cache_clear()
+    monkeypatch.setattr(torch, "empty", empty)
+    yield
+    device.widest_float.cache_clear()
+
+
+def test_sums_are_float64_where_the_device_has_it():
+    from tunesmith.device import widest_float
+    from tunesmith.engine import move_to, summed
+
+    cpu = torch.device("cpu")
+    assert widest_float(cpu) == torch.float64
+    assert summed([1.0, torch.tensor(2.0, dtype=torch.bfloat16)], cpu).dtype == torch.float64
+    assert move_to({"logps": torch.zeros(2, dtype=torch.float64)}, cpu)["logps"].dtype == torch.float64
+
+
+def test_a_device_without_float64_gets_float32_sums_and_batches(without_float64):
+    from tunesmith.device import widest_float
+    from tunesmith.engine import move_to, summed
+
+    cpu = torch.device("cpu")
+    assert widest_float(cpu) == torch.float32
+    total = summed([1.0, torch.tensor(2.0, dtype=torch.bfloat16), torch.tensor([3.0])], cpu)
+    assert total.dtype == torch.float32 and total.item() == 6.0
+    batch = move_to({"reference_logps": torch.tensor([-1.5], dtype=torch.float64), "input_ids": torch.ones(1, 2, dtype=torch.long),
+                     "note": "kept"}, cpu)
+    assert batch["reference_logps"].dtype == torch.float32 and batch["reference_logps"].item() == -1.5
+    assert batch["input_ids"].dtype == torch.long and batch["note"] == "kept"

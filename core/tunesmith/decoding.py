@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from tunesmith.device import widest_float
 from tunesmith.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -108,12 +109,15 @@ def draw(probabilities: torch.Tensor, generator: torch.Generator | None) -> torc
 
     ``torch.multinomial`` takes 40 times as long on CPU for a row of a large vocabulary, and a
     token is drawn at every step of every row. A token of probability 0 (cut by ``top_k`` or
-    ``top_p``) has an empty interval and is never drawn. The point is below the total: the
-    uniform number is at most 1 - 2^-53 and the total, near 1, is between 0.5 and 2, where that
-    product always rounds below the total (or is exact, for a total of 1).
+    ``top_p``) has an empty interval and is never drawn. The sum is in float64 where the device
+    has it (:func:`tunesmith.device.widest_float`), else float32. The point is below the total:
+    the uniform number is at most 1 - 2^-53 (1 - 2^-24 in float32) and the total, near 1, is
+    between 0.5 and 2, where that product always rounds below the total (or is exact, for a
+    total of 1).
     """
-    totals = probabilities.double().cumsum(dim=-1)
-    uniform = torch.rand((len(probabilities), 1), dtype=torch.float64, generator=generator, device=probabilities.device)
+    dtype = widest_float(probabilities.device)
+    totals = probabilities.to(dtype).cumsum(dim=-1)
+    uniform = torch.rand((len(probabilities), 1), dtype=dtype, generator=generator, device=probabilities.device)
     return torch.searchsorted(totals, uniform * totals[:, -1:], right=True).squeeze(-1)
 
 

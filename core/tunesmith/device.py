@@ -10,6 +10,7 @@ checked and printed without importing the device.
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 from abc import ABC, abstractmethod
 from typing import Any
@@ -139,6 +140,20 @@ class Device(ABC):
     def describe(self) -> str:
         """One line for the run log."""
         return f"{self.name} ({self.type}, {self.device_count()} device(s), backend {self.distributed_backend})"
+
+
+@functools.cache
+def widest_float(device: torch.device) -> torch.dtype:
+    """float64 where ``device`` computes in it, else float32 (Apple's MPS has no float64).
+
+    For sums that must not lose small terms: a step's losses, sampling's running sum. Answered
+    by making a float64 tensor there, once per device.
+    """
+    try:
+        torch.empty((), dtype=torch.float64, device=device)
+    except (TypeError, RuntimeError):
+        return torch.float32
+    return torch.float64
 
 
 def _python_state_to_list(state) -> list:

@@ -26,6 +26,7 @@ from tunesmith.data.examples import CONVERSATION_FORMATS
 from tunesmith.data.setup import build_training_data
 from tunesmith.data.sharding import shard_step
 from tunesmith.data.tokenize import ensure_chat_template
+from tunesmith.device import widest_float
 from tunesmith.devices.malloc import return_large_blocks_to_the_system
 from tunesmith.errors import ConfigError, Stopped, StorageError, TrainingError
 from tunesmith.failure import note_failure_time
@@ -376,12 +377,19 @@ def accumulate_gradients(model, trainer: Trainer, pieces, filler, strategy: Stra
 
 
 def summed(values: list[Any], device: torch.device) -> torch.Tensor:
-    """The float64 sum, on ``device``, of numbers and tensors (one element each)."""
-    return torch.stack([torch.as_tensor(value, device=device).detach().reshape(()).double() for value in values]).sum()
+    """The sum, on ``device``, of numbers and tensors (one element each), in float64 where the device has it."""
+    dtype = widest_float(device)
+    return torch.stack([torch.as_tensor(value, device=device).detach().reshape(()).to(dtype) for value in values]).sum()
 
 
 def move_to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {key: value.to(device) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
+    """The batch's tensors on ``device``; float64 ones in float32 where the device has no float64 (MPS)."""
+    narrowed = widest_float(device)
+
+    def moved(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(device, dtype=narrowed) if tensor.dtype == torch.float64 else tensor.to(device)
+
+    return {key: moved(value) if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
 
 
 @torch.no_grad()
