@@ -1,7 +1,7 @@
 """LoRA SFT: ``tunesmith sft`` next to TRL's ``SFTTrainer``, same model, data and settings.
 
 Both train one epoch of a LoRA adapter (rank 8, alpha 16, dropout 0.05, every linear layer) with
-batch 4 and maximum length 512 on the same generated chats (``harness.chats``: log-normal reply
+batch 4 and maximum length 512 (unless told otherwise, below) on the same generated chats (``harness.chats``: log-normal reply
 lengths, so most rows are short and some exceed 512 tokens), learning rate 1e-4 on a cosine
 schedule without warm-up, seed 42; weight decay 0 and gradient clipping at 1.0 are both tools'
 defaults. Each saves its adapter at the end and nothing before (30 steps are fewer than either's
@@ -22,6 +22,10 @@ time, peak memory, and the ratios. The rest depends on ``--settings``:
     default ``bfd`` strategy, which turns on padding-free batches); see ``TRL_BEST`` for why.
 ``packing`` - as ``best``, tunesmith with ``--packing`` (rows of 512 tokens, attention kept
     within each sample): tunesmith's packing next to TRL's.
+
+``--max-length`` and ``--batch-size`` change the rows for both tools: ``--settings packing
+--max-length 2048 --batch-size 1`` packs the same chats into 2048-token rows, a step holding as
+many tokens as 4 rows of 512, where attention over whole rows costs most.
 
 Run from the repository root with the repository installed (``make install``):
 
@@ -58,11 +62,13 @@ def main(argv: list[str] | None = None) -> dict:
     """Run the comparison for the command line ``argv`` (default: this process's); the result."""
     parser = harness.argument_parser(__doc__.split("\n\n")[0], rows=120)
     parser.add_argument("--settings", choices=["defaults", "best", "packing"], default="defaults")
+    parser.add_argument("--max-length", type=int, default=SETTINGS["max_length"], help="tokens a row holds [default: %(default)s]")
+    parser.add_argument("--batch-size", type=int, default=SETTINGS["batch_size"], help="rows a step takes [default: %(default)s]")
     args = harness.parse(parser, argv, __file__)
     with tempfile.TemporaryDirectory(prefix="bench-sft-", dir=args.dir) as work_dir:
         work_dir = Path(work_dir)
         model = harness.prepare(args, work_dir, QUICK_ROWS)
-        settings = dict(SETTINGS, max_length=QUICK_MAX_LENGTH) if args.quick else SETTINGS
+        settings = dict(SETTINGS, max_length=QUICK_MAX_LENGTH if args.quick else args.max_length, batch_size=args.batch_size)
         rows = harness.chats(args.rows)
         dataset = harness.write_jsonl(work_dir / "chats.jsonl", rows)
         comparison = harness.Comparison(

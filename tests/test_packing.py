@@ -11,13 +11,17 @@ import random
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, MistralConfig, Qwen2Config
 
 from tunesmith.data.collate import collate_causal
 from tunesmith.data.packing import pack, unpacked
 from tunesmith.data.tokenize import tokenize_chat, tokenize_text
 from tunesmith.data.types import IGNORE_INDEX, Sample
+from tunesmith.engine import enable_activation_checkpointing
+from tunesmith.generation import GenerationOptions, generate_batch
 from tunesmith.losses import per_token_losses
+from tunesmith.models import load_model as tunesmith_load_model
+from tunesmith.packed_attention import PACKED_SDPA, use_packed_sdpa
 from tunesmith_trainers.sft import SFTTrainer
 
 CONVERSATIONS = [
@@ -50,7 +54,10 @@ def samples(tokenizer) -> list[Sample]:
 
 
 def load_model(path, attn_implementation: str, lora: bool = False):
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation=attn_implementation)
+    """The tiny model with transformers' ``sdpa`` or ``eager``, or tunesmith's ``packed_sdpa``."""
+    packed = attn_implementation == PACKED_SDPA
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa" if packed else attn_implementation)
+    assert use_packed_sdpa(model) if packed else model.config._attn_implementation == attn_implementation
     if lora:
         # Random, non-zero adapters, so the adapted model differs from the base one.
         config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
@@ -67,7 +74,9 @@ def sample_slices(rows: list[list[Sample]]):
             start += len(sample)
 
 
-@pytest.mark.parametrize(("attn_implementation", "lora"), [("sdpa", False), ("eager", False), ("sdpa", True)])
+@pytest.mark.parametrize(
+    ("attn_implementation", "lora"), [("sdpa", False), ("eager", False), ("sdpa", True), (PACKED_SDPA, False), (PACKED_SDPA, True)]
+)
 def test_packed_per_token_losses_equal_each_sample_alone(tiny_model_dir, tokenizer, samples, attn_implementation, lora):
     model = load_model(tiny_model_dir, attn_implementation, lora)
     longest = max(len(sample) for sample in samples)
@@ -96,8 +105,12 @@ def test_packing_without_position_restarts_would_leak(tiny_model_dir, tokenizer,
     assert (leaky[b, start : start + len(sample)] - alone).abs().max() > 1e-3
 
 
-def test_one_step_has_the_same_mean_loss_and_gradients_with_and_without_packing(tiny_model_dir, tokenizer, samples):
-    model = load_model(tiny_model_dir, "sdpa")
+@pytest.mark.parametrize(("attn_implementation", "checkpointing"), [("sdpa", False), (PACKED_SDPA, False), (PACKED_SDPA, True)])
+def test_one_step_has_the_same_mean_loss_and_gradients_with_and_without_packing(tiny_model_dir, tokenizer, samples, attn_implementation,
+                                                                              checkpointing):
+    model = load_model(tiny_model_dir, attn_implementation).train()
+    if checkpointing:  # backward runs each layer's attention again, on the same packed rows
+        enable_activation_checkpointing(model)
     trainer = SFTTrainer(tokenizer)
 
     def step(rows):
@@ -169,3 +182,54 @@ def test_unpacked_padded_rows_take_the_mask_free_causal_path_and_lose_nothing(ti
         for b, start, sample in sample_slices(rows):
             alone = per_token_losses(model, collate_causal([[sample]], tokenizer.pad_token_id))[0]
             torch.testing.assert_close(padded[b, : len(sample)], alone, rtol=0, atol=1e-5)
+
+
+def test_packed_sdpa_attends_within_each_sample_without_a_mask(tiny_model_dir, tokenizer, samples, monkeypatch):
+    model = load_model(tiny_model_dir, PACKED_SDPA)
+    rows = pack(samples, max_length=max(len(sample) for sample in samples) + 40)
+    batch = collate_causal(rows, tokenizer.pad_token_id)
+    length = batch["input_ids"].shape[1]
+    # each sample, the last of a row running on over the row's padding (never attended to: it comes after)
+    expected = [len(row[-1]) + length - sum(map(len, row)) if sample is row[-1] else len(sample) for row in rows for sample in row]
+    calls = []
+    real_attention = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(query, key, value, **kwargs):
+        calls.append((query.shape[0], key.shape[2], kwargs.get("attn_mask"), kwargs.get("is_causal")))
+        return real_attention(query, key, value, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    with torch.no_grad():
+        per_token_losses(model, batch)
+    layers = model.config.num_hidden_layers
+    assert [(rows_, keys) for rows_, keys, _, _ in calls] == [(1, n) for _ in range(layers) for n in expected]
+    assert all(mask is None and causal for _, _, mask, causal in calls)
+
+
+def test_packed_sdpa_generates_padded_batches_as_sdpa_does(tiny_model_dir, tokenizer):
+    prompts = [tokenizer("Hi there")["input_ids"], tokenizer("Count to five, then say the capital of France")["input_ids"]]
+    options = GenerationOptions(max_new_tokens=6, temperature=0.0)
+    sdpa, packed = (load_model(tiny_model_dir, name) for name in ("sdpa", PACKED_SDPA))
+    assert [c.token_ids for c in generate_batch(packed, tokenizer, prompts, options)] == [
+        c.token_ids for c in generate_batch(sdpa, tokenizer, prompts, options)
+    ]
+
+
+def test_models_whose_attention_is_plain_causal_get_packed_sdpa_and_save_as_sdpa(tiny_model_dir, tmp_path):
+    model = tunesmith_load_model(tiny_model_dir)
+    assert model.config._attn_implementation == PACKED_SDPA
+    model.save_pretrained(tmp_path / "saved")
+    assert PACKED_SDPA not in (tmp_path / "saved" / "config.json").read_text()
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "saved").config._attn_implementation in ("sdpa", "eager")
+    assert tunesmith_load_model(tiny_model_dir, attn_implementation="eager").config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("layer_types", [["full_attention", "sliding_attention"], None])
+def test_sliding_window_models_keep_sdpa(tmp_path, layer_types):
+    config = Qwen2Config(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, sliding_window=8, use_sliding_window=True, layer_types=layer_types)
+    if layer_types is None:  # sliding everywhere, as a Mistral config without layer types says it
+        config = MistralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                               num_key_value_heads=1, sliding_window=8)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    assert tunesmith_load_model(tmp_path).config._attn_implementation == "sdpa"

@@ -21,6 +21,7 @@ import click
 from tunesmith.atomic import write_atomically
 from tunesmith.errors import ConfigError
 from tunesmith.hub import download, is_hub_id
+from tunesmith.packed_attention import use_packed_sdpa
 
 if TYPE_CHECKING:  # torch loads only when a model does: `tunesmith --help` stays fast
     import torch
@@ -135,6 +136,9 @@ def load_model(
 ):
     """The model in ``model_path``; ``empty`` builds it on the meta device from its config alone, reading no weights.
 
+    With ``sdpa``, a model whose attention is plain causal gets ``packed_sdpa``
+    (:mod:`tunesmith.packed_attention`): the samples of packed rows attend without a dense mask.
+
     ``quantization_config`` (from the device, for QLoRA) loads the weights quantised.
     ``model_kind`` ``sequence_classification`` loads it with a one-output score head (new
     unless the folder holds one) instead of its language-model head; ``pad_token_id`` (the
@@ -173,6 +177,7 @@ def load_model(
     except (OSError, ValueError) as error:
         raise ConfigError(f"--model {model_path}: could not load the model ({error})") from error
     model.name_or_path = model.config.name_or_path = known_as(model_path)
+    use_packed_sdpa(model)
     return model
 
 

@@ -1,11 +1,12 @@
 """Building causal-LM batches from rows of samples.
 
 There is no attention mask. Rows are right-padded, and under causal attention a real token
-never attends to the padding after it. Each sample's ``position_ids`` restart at 0, and
-transformers (>= 5.17), given ``position_ids`` and no ``attention_mask`` nor cache, reads those
-restarts as sequence boundaries and builds a block-diagonal causal mask
-(``masking_utils.find_packed_sequence_indices``) for every attention implementation. So a
-packed sample sees exactly what it would see alone.
+never attends to the padding after it. Each sample's ``position_ids`` restart at 0, so a packed
+sample sees exactly what it would see alone: tunesmith's ``packed_sdpa`` attention
+(:mod:`tunesmith.packed_attention`) splits the row where they restart, and transformers (>= 5.17),
+given ``position_ids`` and no ``attention_mask`` nor cache, reads those restarts as sequence
+boundaries for its own implementations (a block-diagonal mask for ``sdpa`` and ``eager``,
+``masking_utils.find_packed_sequence_indices``; sequence lengths for flash attention).
 
 The padding continues the positions of the row's last sample rather than restarting: padding
 is never attended to and has no target, and a batch of one sample per row then has no restart
