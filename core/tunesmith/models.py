@@ -21,7 +21,6 @@ import click
 from tunesmith.atomic import write_atomically
 from tunesmith.errors import ConfigError
 from tunesmith.hub import download, is_hub_id
-from tunesmith.packed_attention import use_packed_sdpa
 
 if TYPE_CHECKING:  # torch loads only when a model does: `tunesmith --help` stays fast
     import torch
@@ -149,6 +148,8 @@ def load_model(
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from tunesmith.packed_attention import use_packed_sdpa
 
     dtype = dtype or torch.float32
     auto_class = AutoModelForCausalLM
