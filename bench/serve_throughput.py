@@ -12,6 +12,11 @@ model is the built-in smollm2-135m, so nothing is downloaded:
 
     .venv/bin/python bench/serve_throughput.py
     .venv/bin/python bench/serve_throughput.py --requests 64 --max-tokens 64 --clients 1 4 8 16 --device cpu
+
+With ``--engine vllm``, run from ``.venv-vllm`` (``make test`` builds it on x86-64 Linux; vLLM's
+CPU build and the ``tunesmith-vllm`` plugin), which serves with the transformers engine too:
+
+    .venv-vllm/bin/python bench/serve_throughput.py --engine vllm
 """
 
 from __future__ import annotations
@@ -46,11 +51,12 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16, help="max_tokens of every request")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8], help="concurrent clients of each run")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--engine", default="transformers", help="what tunesmith serve --engine uses (vllm needs the tunesmith-vllm plugin)")
     args = parser.parse_args()
 
     port = free_port()
     command = [sys.executable, "-m", "tunesmith", "serve", "--model", args.model, "--port", str(port), "--device", args.device,
-               "--max-queue", str(max(args.clients) * 2)]
+               "--engine", args.engine, "--max-queue", str(max(args.clients) * 2)]
     server = subprocess.Popen(command, env={**os.environ, "TUNESMITH_API_KEY": API_KEY})
     try:
         base_url = f"http://127.0.0.1:{port}"
