@@ -147,3 +147,21 @@ def test_the_server_answers_on_after_a_client_goes_away_mid_stream(server, clien
     # The abandoned request held every row (n=8 of 8); the next is answered once they are freed.
     reply = chat(client, QUESTIONS[1], temperature=0, max_tokens=12, timeout=60)
     assert reply.choices[0].message.content == reference["tiny"][1]
+
+
+def test_past_the_queue_bound_requests_are_refused_with_429_and_the_rest_answered(client, reference):
+    """8 rows run and 64 requests wait (--max-queue 64); 150 at once overflow the queue."""
+
+    def ask(index):
+        try:
+            return chat(client, QUESTIONS[index % len(QUESTIONS)], temperature=0, max_tokens=12).choices[0].message.content
+        except openai.RateLimitError as refused:
+            return refused
+
+    with ThreadPoolExecutor(150) as pool:
+        outcomes = list(pool.map(ask, range(150)))
+    refused = [outcome for outcome in outcomes if isinstance(outcome, openai.RateLimitError)]
+    answered = [(index, outcome) for index, outcome in enumerate(outcomes) if isinstance(outcome, str)]
+    assert refused and len(answered) >= 72
+    assert all(reply == reference["tiny"][index % len(QUESTIONS)] for index, reply in answered)
+    assert refused[0].status_code == 429 and refused[0].body["code"] == "queue_full"
