@@ -35,9 +35,12 @@ from tunesmith import (
     stop_token_ids,
 )
 
-#: the share of the GPU's memory the engine takes (weights, activations, KV cache); the rest is
-#: the training's. vLLM's own default (0.9) assumes it has the GPU to itself.
-CUDA_MEMORY_SHARE = 0.3
+#: vLLM's ``gpu_memory_utilization``. On CUDA: the share of the GPU's memory the engine takes
+#: (weights, activations, KV cache), the rest being the training's. On a CPU: the share of the
+#: machine's memory the whole process may reach, the training's included, before the KV cache is
+#: sized (``VLLM_CPU_KVCACHE_SPACE``, in GiB, sets that size instead). vLLM's own default (0.9)
+#: assumes the engine has the hardware to itself.
+MEMORY_SHARE = 0.3
 #: vLLM seeds are drawn below this bound
 SEED_BOUND = 2**31 - 1
 
@@ -122,12 +125,9 @@ def start_engine(model: Any, device: Device) -> Any:
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     dtype = base.get_input_embeddings().weight.dtype
-    settings: dict[str, Any] = {}
-    if device.name == "cuda":
-        settings["gpu_memory_utilization"] = CUDA_MEMORY_SHARE
-    else:
-        # vLLM's CPU build compiles through Triton, which a CPU machine seldom has.
-        settings["enforce_eager"] = True
+    settings: dict[str, Any] = {"gpu_memory_utilization": MEMORY_SHARE}
+    if device.name != "cuda":
+        settings["enforce_eager"] = True  # vLLM's CPU build compiles through Triton, which a CPU machine seldom has
     return LLM(
         model=str(resolve_model(base.name_or_path)),
         dtype=str(dtype).removeprefix("torch."),
