@@ -75,6 +75,7 @@ _LAZY = {
     "Job": "tunesmith.serving.engine",
     "ChoicePiece": "tunesmith.serving.engine",
     "QueueFull": "tunesmith.serving.engine",
+    "WaitingJobs": "tunesmith.serving.engine",
     "create_generation_backend": "tunesmith.generation_backend",
     "generation_weights": "tunesmith.generation_backend",
     "stop_token_ids": "tunesmith.generation",
@@ -106,7 +107,7 @@ if TYPE_CHECKING:
     from tunesmith.models import resolve_model, sequence_scores
     from tunesmith.plugins import create_plugin_manager
     from tunesmith.rewards import Reward, RewardResult, RewardRunner, check_reward_columns, load_rewards, parse_reward_option
-    from tunesmith.serving.engine import ChoicePiece, Job, QueueFull, ServingEngine
+    from tunesmith.serving.engine import ChoicePiece, Job, QueueFull, ServingEngine, WaitingJobs
     from tunesmith.steps import Step, StepPlan, StepSource
     from tunesmith.strategy import StepOutcome, Strategy
     from tunesmith.trainer import LossOutput, Trainer, TrainerContext
@@ -163,6 +164,7 @@ __all__ = [
     "ChoicePiece",
     "Job",
     "QueueFull",
+    "WaitingJobs",
     "Step",
     "StepOutcome",
     "StepPlan",

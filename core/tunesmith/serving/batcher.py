@@ -28,7 +28,7 @@ import torch
 from tunesmith.decoding import STOP, DecodeBatch, Row, generation_mode
 from tunesmith.generation import pad_token_id, stop_token_ids
 from tunesmith.serving.choice_text import ChoiceText
-from tunesmith.serving.engine import CANCELLED, ChoicePiece, Job, QueueFull, ServingEngine
+from tunesmith.serving.engine import CANCELLED, ChoicePiece, Job, ServingEngine, WaitingJobs
 
 if TYPE_CHECKING:
     from tunesmith.runtime import Runtime
@@ -77,10 +77,9 @@ class Batcher(ServingEngine):
         self.tokenizer = tokenizer
         self.context_length = getattr(model.config, "max_position_embeddings", None)
         self.adapters = tuple(adapters)
-        self.max_queue = max_queue
         self.max_batch_rows = max_batch_rows
         self.recent_batches: deque[BatchRecord] = deque(maxlen=RECENT_BATCHES)
-        self._waiting: deque[Job] = deque()
+        self._waiting = WaitingJobs(max_queue)
         self._condition = threading.Condition()
         self._pauses = 0
         self._running = False
@@ -110,17 +109,14 @@ class Batcher(ServingEngine):
     def submit(self, job: Job) -> None:
         """Queue ``job``; :class:`QueueFull` when ``max_queue`` requests already wait."""
         with self._condition:
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} requests are already waiting (--max-queue {self.max_queue})")
-            self._waiting.append(job)
+            self._waiting.add(job)
             self._condition.notify_all()
 
     def cancel(self, job: Job) -> None:
         """Drop ``job``: out of the queue if it still waits, else its rows stop at the next step."""
         job.cancelled.set()
         with self._condition:
-            if job in self._waiting:
-                self._waiting.remove(job)
+            self._waiting.discard(job)
 
     @contextmanager
     def paused(self) -> Iterator[None]:
@@ -144,8 +140,8 @@ class Batcher(ServingEngine):
                 self._condition.wait_for(lambda: self._closed or (self._waiting and not self._pauses))
                 if self._closed:
                     return
-                adapter = self._waiting[0].adapter
-                jobs = self._take(adapter, self.max_batch_rows)
+                adapter = self._waiting.next_adapter
+                jobs = self._waiting.take(adapter, self.max_batch_rows)
                 self._running = True
             members: list[_Member] = []
             try:
@@ -158,25 +154,13 @@ class Batcher(ServingEngine):
                     self._running = False
                     self._condition.notify_all()
 
-    def _take(self, adapter: str | None, free_rows: int) -> list[Job]:
-        """The waiting jobs for ``adapter``, oldest first, as long as each fits in ``free_rows``;
-        the first that does not fit stops the taking, so that later, smaller ones do not starve it."""
-        jobs = []
-        for job in [job for job in self._waiting if job.adapter == adapter]:
-            if job.n > free_rows:
-                break
-            jobs.append(job)
-            free_rows -= job.n
-            self._waiting.remove(job)
-        return jobs
-
     def _joining(self, adapter: str | None, rows: int) -> list[Job]:
         """The waiting jobs that join a batch running ``adapter`` with ``rows`` rows: none while a
         pause or close is pending or a job for another adapter waits, so that the batch ends."""
         with self._condition:
-            if self._pauses or self._closed or any(job.adapter != adapter for job in self._waiting):
+            if self._pauses or self._closed or self._waiting.another_adapter_waits(adapter):
                 return []
-            return self._take(adapter, self.max_batch_rows - rows)
+            return self._waiting.take(adapter, self.max_batch_rows - rows)
 
     def _run_batch(self, adapter: str | None, jobs: list[Job], members: list[_Member]) -> None:
         """Decode ``jobs``, and every job that joins them, until the last row ends. ``members``

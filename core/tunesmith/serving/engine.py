@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,57 @@ class Job:
         self.adapter = adapter
         self.deliver = deliver
         self.cancelled = threading.Event()
+
+
+class WaitingJobs:
+    """The jobs an engine was given and has not started, oldest first, at most ``max_queue``.
+
+    Engines that run one adapter at a time take from it the jobs for the running adapter that
+    fit in their free rows (:meth:`take`), and take nobody new while a job for another adapter
+    waits (:meth:`another_adapter_waits`), so that the running jobs end and that adapter has its
+    turn. Not locked: an engine calls it under its own lock.
+    """
+
+    def __init__(self, max_queue: int):
+        self.max_queue = max_queue
+        self._jobs: deque[Job] = deque()
+
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def add(self, job: Job) -> None:
+        """Queue ``job``; :class:`QueueFull` when ``max_queue`` jobs already wait."""
+        if len(self._jobs) >= self.max_queue:
+            raise QueueFull(f"{len(self._jobs)} requests are already waiting (--max-queue {self.max_queue})")
+        self._jobs.append(job)
+
+    def discard(self, job: Job) -> bool:
+        """Drop ``job`` if it waits; whether it did."""
+        if job in self._jobs:
+            self._jobs.remove(job)
+            return True
+        return False
+
+    @property
+    def next_adapter(self) -> str | None:
+        """The adapter of the oldest waiting job (None: the base model); there must be one."""
+        return self._jobs[0].adapter
+
+    def another_adapter_waits(self, adapter: str | None) -> bool:
+        return any(job.adapter != adapter for job in self._jobs)
+
+    def take(self, adapter: str | None, free_rows: int) -> list[Job]:
+        """The waiting jobs for ``adapter``, oldest first, as long as each one's ``n`` choices fit
+        in ``free_rows``; the first that does not fit stops the taking, so that later, smaller
+        ones do not starve it. They no longer wait."""
+        jobs = []
+        for job in [job for job in self._jobs if job.adapter == adapter]:
+            if job.n > free_rows:
+                break
+            jobs.append(job)
+            free_rows -= job.n
+            self._jobs.remove(job)
+        return jobs
 
 
 class ServingEngine(ABC):

@@ -17,13 +17,12 @@ from __future__ import annotations
 import itertools
 import os
 import threading
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from tunesmith import ChoicePiece, Job, QueueFull, ServingEngine, resolve_model, stop_token_ids
+from tunesmith import ChoicePiece, Job, ServingEngine, WaitingJobs, resolve_model, stop_token_ids
 
 VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -69,10 +68,9 @@ class VLLMEngine(ServingEngine):
         self.tokenizer = tokenizer
         self.stop_token_ids = stop_token_ids
         self.context_length = engine.model_config.max_model_len
-        self.max_queue = max_queue
         self.max_batch_rows = max_batch_rows
         self.lora_requests = {name: LoRARequest(name, number, str(path)) for number, (name, path) in enumerate(adapters.items(), start=1)}
-        self._waiting: deque[Job] = deque()
+        self._waiting = WaitingJobs(max_queue)
         self._cancelled: list[Job] = []
         self._running: dict[str, _Running] = {}  # by vLLM request id
         self._rows = 0
@@ -93,17 +91,13 @@ class VLLMEngine(ServingEngine):
 
     def submit(self, job: Job) -> None:
         with self._condition:
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} requests are already waiting (--max-queue {self.max_queue})")
-            self._waiting.append(job)
+            self._waiting.add(job)
             self._condition.notify_all()
 
     def cancel(self, job: Job) -> None:
         job.cancelled.set()
         with self._condition:
-            if job in self._waiting:
-                self._waiting.remove(job)
-            else:
+            if not self._waiting.discard(job):
                 self._cancelled.append(job)
             self._condition.notify_all()
 
@@ -123,7 +117,7 @@ class VLLMEngine(ServingEngine):
                 if self._running:
                     self._step()
             except Exception as error:  # the running requests fail; the server goes on serving
-                failed = {running.job for running in self._running.values()} | set(joining)
+                failed = self._running_jobs() | set(joining)
                 self.engine.abort_request(list(self._running))
                 self._running.clear()
                 self._rows = 0
@@ -131,21 +125,23 @@ class VLLMEngine(ServingEngine):
                     job.deliver(error)
 
     def _take(self) -> list[Job]:
-        """The waiting jobs that join the running ones: those for the running adapter, oldest
-        first, as long as their choices fit in the free rows. While a job for another adapter
-        waits, nobody joins, so the running jobs end and that adapter has its turn."""
+        """The waiting jobs that join the running ones (:meth:`tunesmith.WaitingJobs.take`):
+        those for the running adapter that fit in the free rows, none while another adapter waits."""
         running = {running.job.adapter for running in self._running.values()}
-        if not self._waiting or (running and any(job.adapter not in running for job in self._waiting)):
+        if not self._waiting:
             return []
-        adapter = running.pop() if running else self._waiting[0].adapter
-        jobs = []
-        for job in [job for job in self._waiting if job.adapter == adapter]:
-            if self._rows + job.n > self.max_batch_rows:
-                break
-            self._waiting.remove(job)
-            self._rows += job.n
-            jobs.append(job)
+        if running:
+            adapter = next(iter(running))  # one adapter at a time
+            if self._waiting.another_adapter_waits(adapter):
+                return []
+        else:
+            adapter = self._waiting.next_adapter
+        jobs = self._waiting.take(adapter, self.max_batch_rows - self._rows)
+        self._rows += sum(job.n for job in jobs)
         return jobs
+
+    def _running_jobs(self) -> set[Job]:
+        return {running.job for running in self._running.values()}
 
     def _add(self, job: Job) -> None:
         from vllm import SamplingParams
