@@ -185,3 +185,54 @@ def test_a_model_that_changes_its_logits_after_the_head_is_scored_the_plain_way(
     batch = batches["sft"]
     for _ in range(2):  # the second time, without trying the chunks first
         torch.testing.assert_close(causal_lm_loss(model, batch), -plain_token_logps(model, batch).sum(), rtol=1e-6, atol=1e-6)
+
+
+class RecordingFusedLoss:
+    """A device's fused linear cross-entropy, written here in plain torch, recording its calls."""
+
+    def __init__(self):
+        self.calls: list[tuple] = []
+
+    def __call__(self, hidden, weight, targets, bias):
+        self.calls.append((tuple(hidden.shape), weight, bias))
+        logits = F.linear(hidden, weight, bias).float()
+        return F.cross_entropy(logits, targets, reduction="sum")
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_a_device_s_fused_loss_is_used_from_the_second_step_and_equals_plain_cross_entropy(tiny_model_dir, batches, lora):
+    batch = batches["packed"]
+    fused = RecordingFusedLoss()
+    fused_model, plain_model = load(tiny_model_dir, lora), load(tiny_model_dir, lora)
+    head = fused_model.get_output_embeddings()
+    first = causal_lm_loss(fused_model, batch, fused=fused)  # chunked: it finds out the head's output is the logits
+    assert fused.calls == [] and head._tunesmith_chunked is True
+    second = causal_lm_loss(fused_model, batch, fused=fused)
+    assert [(shape, weight is head.weight) for shape, weight, _ in fused.calls] == [((int(batch["num_target_tokens"]), 64), True)]
+    torch.testing.assert_close(second, first, rtol=1e-6, atol=1e-6)
+    assert_same(second, -plain_token_logps(plain_model, batch).sum(), fused_model, plain_model)
+
+
+def test_a_head_that_is_not_a_plain_linear_layer_keeps_the_chunked_loss(tiny_model_dir, batches):
+    """A LoRA adapter on the head itself: the fused kernel would see the base weight only."""
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir), LoraConfig(r=4, target_modules=["lm_head"], init_lora_weights=False))
+    fused = RecordingFusedLoss()
+    for _ in range(2):
+        torch.testing.assert_close(causal_lm_loss(model, batches["sft"], fused=fused), -plain_token_logps(model, batches["sft"]).sum(), rtol=1e-6, atol=1e-6)
+    assert fused.calls == []
+
+
+def test_the_sft_trainer_hands_its_device_s_fused_loss_to_the_loss(tiny_model_dir, batches):
+    from tests.helpers import cpu_device
+    from tunesmith import TrainerContext
+    from tunesmith_trainers.sft import SFTTrainer
+
+    fused, device = RecordingFusedLoss(), cpu_device()
+    device.fused_linear_cross_entropy = lambda: fused
+    trainer = SFTTrainer(AutoTokenizer.from_pretrained(tiny_model_dir))
+    trainer.setup(TrainerContext(strategy=None, device=device, precision="fp32", plugins=None, options={}, make_reference=None))
+    model = load(tiny_model_dir, lora=True)
+    losses = [trainer.compute_loss(model, batches["sft"]).loss for _ in range(2)]
+    assert len(fused.calls) == 1  # the second step's
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=1e-6)

@@ -13,11 +13,14 @@ import contextlib
 import functools
 import random
 from abc import ABC, abstractmethod
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from tunesmith.records import DeviceCapabilities
+
+#: what :meth:`Device.fused_linear_cross_entropy` returns
+FusedLinearCrossEntropy = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 PRECISION_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -105,6 +108,13 @@ class Device(ABC):
         Called only for an adapter the capabilities declare in ``quantization``.
         """
         raise NotImplementedError(f"device {self.name!r} declares {adapter!r} but does not say how to quantise for it")
+
+    def fused_linear_cross_entropy(self) -> FusedLinearCrossEntropy | None:
+        """A kernel for the causal-LM loss that never makes the logits: ``fn(hidden, weight, targets,
+        bias)`` returns the cross-entropy of ``hidden @ weight.T + bias`` (``hidden`` (N, H), one
+        row per target token, ``targets`` (N,)) summed over the rows, with gradients for
+        ``hidden`` and a trained ``weight``. None (the default): tunesmith's chunked loss."""
+        return None
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """Adapt a loaded model to the hardware before adapters are added (fused kernels, say)."""

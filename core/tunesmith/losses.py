@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from tunesmith.data.types import IGNORE_INDEX
+from tunesmith.device import FusedLinearCrossEntropy
 
 #: logits entries (tokens x vocabulary) scored at once: 32M, 128 MiB in fp32
 CHUNK_ELEMENTS = 1 << 25
@@ -71,9 +72,22 @@ def target_logps(
     return TargetLogps(logps, _entropy(logits) if entropy else None, _greedy(logits, targets[trained]) if greedy else None)
 
 
-def causal_lm_loss(model: torch.nn.Module, batch: dict[str, Any]) -> torch.Tensor:
-    """Cross-entropy in fp32 summed over the batch's target tokens."""
-    return -target_logps(model, batch).logps.sum()
+def causal_lm_loss(model: torch.nn.Module, batch: dict[str, Any], fused: FusedLinearCrossEntropy | None = None) -> torch.Tensor:
+    """Cross-entropy in fp32 summed over the batch's target tokens.
+
+    ``fused`` (a device's :meth:`tunesmith.Device.fused_linear_cross_entropy`, such as Liger's
+    kernel on CUDA) computes it from the target positions' hidden states and the head's weight,
+    where the head is a plain linear layer and the model is known to hand its output back
+    unchanged (the chunked loss finds that out on its first call, so the first step is chunked).
+    """
+    head = _output_head(model)
+    if fused is None or type(head) is not torch.nn.Linear or getattr(head, "_tunesmith_chunked", None) is not True:
+        return -target_logps(model, batch).logps.sum()
+    targets = batch["targets"]
+    scorer = _FusedScorer(head, fused, targets != IGNORE_INDEX, targets[targets != IGNORE_INDEX])
+    with _scoring_head(head, scorer):
+        _forward(model, batch)
+    return scorer.loss.float()
 
 
 def sequence_logps(model: torch.nn.Module, batch: dict[str, Any], num_sequences: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,6 +153,19 @@ class _ChunkedScorer:
         return logps, _entropy(logits) if self.want_entropy else None, _greedy(logits, targets) if self.want_greedy else None
 
 
+class _FusedScorer:
+    """Stands in for the head's forward: the summed loss of its target positions, by a fused kernel."""
+
+    def __init__(self, head: torch.nn.Linear, fused: FusedLinearCrossEntropy, trained: torch.Tensor, targets: torch.Tensor):
+        self.head, self.fused, self.trained, self.targets = head, fused, trained, targets
+        self.loss: torch.Tensor | None = None
+
+    def __call__(self, head_forward: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor) -> torch.Tensor:
+        hidden = hidden[self.trained.to(hidden.device)]
+        self.loss = self.fused(hidden, self.head.weight, self.targets.to(hidden.device), self.head.bias)
+        return self.loss.reshape(1)  # what the model returns as its logits, unused
+
+
 class _ScoredWithSlopes(torch.autograd.Function):
     """A frozen head's scores of a chunk, with each log-probability's gradient by its hidden state kept for backward."""
 
@@ -188,7 +215,7 @@ def _greedy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 @contextmanager
-def _scoring_head(head: torch.nn.Module, scorer: _ChunkedScorer) -> Iterator[None]:
+def _scoring_head(head: torch.nn.Module, scorer: _ChunkedScorer | _FusedScorer) -> Iterator[None]:
     """Route the head's forward through ``scorer`` (its hooks, e.g. FSDP's or ZeRO-3's gathering, still run)."""
     own_forward = "forward" in vars(head)
     original = head.forward

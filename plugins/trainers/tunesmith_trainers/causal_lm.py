@@ -15,4 +15,6 @@ class CausalLMTrainer(Trainer):
         return int(batch["num_target_tokens"])
 
     def compute_loss(self, model, batch: dict[str, Any]) -> LossOutput:
-        return LossOutput(loss=causal_lm_loss(model, batch))
+        # The device's fused kernel (Liger's on CUDA) where it has one; a trainer used on its own has no device.
+        fused = self.context.device.fused_linear_cross_entropy() if self.context is not None else None
+        return LossOutput(loss=causal_lm_loss(model, batch, fused=fused))

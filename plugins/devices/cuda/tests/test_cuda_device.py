@@ -412,12 +412,25 @@ def liger(monkeypatch, packages):
     applied: list[dict] = []
     transformers_module = ModuleType("liger_kernel.transformers")
     transformers_module._apply_liger_kernel_to_instance = lambda **arguments: applied.append(arguments)
+    transformers_module.LigerFusedLinearCrossEntropyLoss = StandInFusedLoss
     monkey_patch_module = ModuleType("liger_kernel.transformers.monkey_patch")
     monkey_patch_module.MODEL_TYPE_TO_APPLY_LIGER_FN = {"llama": None, "qwen2": None}
     for name, module in [("liger_kernel", ModuleType("liger_kernel")), ("liger_kernel.transformers", transformers_module),
                          ("liger_kernel.transformers.monkey_patch", monkey_patch_module)]:
         monkeypatch.setitem(sys.modules, name, module)
     return applied
+
+
+class StandInFusedLoss(torch.nn.Module):
+    """Liger's ``LigerFusedLinearCrossEntropyLoss`` as its signature is, computed in plain torch."""
+
+    def __init__(self, ignore_index: int = -100, reduction: str = "mean"):
+        super().__init__()
+        self.ignore_index, self.reduction = ignore_index, reduction
+
+    def forward(self, lin_weight, _input, target, bias=None):
+        logits = torch.nn.functional.linear(_input, lin_weight, bias).float()
+        return torch.nn.functional.cross_entropy(logits, target, ignore_index=self.ignore_index, reduction=self.reduction)
 
 
 def tiny_model(model_type: str):
@@ -435,6 +448,16 @@ def test_liger_kernels_are_applied_to_the_model_instance_without_the_fused_loss(
     model = tiny_model("llama")
     assert device.prepare_model(model) is model
     assert liger == [{"model": model, "fused_linear_cross_entropy": False}]
+
+
+def test_liger_s_fused_loss_is_the_sft_loss_summed_over_the_target_tokens(machine, liger, cuda):
+    machine(A100)
+    assert cuda(liger=False).fused_linear_cross_entropy() is None
+    fused = cuda(liger=True).fused_linear_cross_entropy()
+    torch.manual_seed(0)
+    hidden, head, targets = torch.randn(7, 16, requires_grad=True), torch.nn.Linear(16, 32), torch.randint(32, (7,))
+    expected = torch.nn.functional.cross_entropy(head(hidden), targets, reduction="sum")
+    torch.testing.assert_close(fused(hidden, head.weight, targets, head.bias), expected)
 
 
 def test_liger_refuses_a_model_it_has_no_kernels_for(machine, liger, cuda):

@@ -16,9 +16,10 @@ over NCCL. What the model gets on this hardware:
 - **QLoRA.** 4-bit NF4 weights with double quantisation through bitsandbytes, computing in
   bf16 (fp16 before Ampere).
 - **Liger kernels** (``--liger``): Liger's RMSNorm, SwiGLU/GeGLU and RoPE patched into the
-  loaded model. Its fused linear cross-entropy is left off: it replaces the model's own loss,
-  which tunesmith's trainers never ask for (they compute the loss from the logits), so it
-  awaits a chunked loss in the trainers.
+  loaded model, and its fused linear cross-entropy as the device's
+  ``fused_linear_cross_entropy``, which the ``sft`` and ``pt`` losses call with the target
+  positions' hidden states and the head's weight. (Patched into the model instead, it would
+  replace the model's own loss, which tunesmith's trainers never ask for.)
 
 The optional packages (``bitsandbytes``, ``liger_kernel``, ``flash_attn``) are looked up with
 ``find_spec`` and imported only when used.
@@ -186,6 +187,20 @@ class CUDADevice(Device):
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16 if "bf16" in self.supported_precisions() else torch.float16,
         )
+
+    def fused_linear_cross_entropy(self):
+        """With ``--liger``, Liger's fused linear cross-entropy, summed over the rows."""
+        if not self.options["liger"]:
+            return None
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        loss = LigerFusedLinearCrossEntropyLoss(reduction="sum")
+
+        def summed_cross_entropy(hidden, weight, targets, bias):
+            result = loss(weight, hidden, targets, bias)
+            return result[0] if isinstance(result, tuple) else result  # releases that also return a z-loss
+
+        return summed_cross_entropy
 
     def prepare_model(self, model: torch.nn.Module) -> torch.nn.Module:
         """With ``--liger``, patch Liger's kernels into this model instance (all but its fused loss, see the module docstring)."""
