@@ -34,6 +34,7 @@ from tunesmith import (
     resolve_model,
     stop_token_ids,
 )
+from tunesmith_vllm.settings import device_settings, sampling_params
 
 #: vLLM's ``gpu_memory_utilization``. On CUDA: the share of the GPU's memory the engine takes
 #: (weights, activations, KV cache), the rest being the training's. On a CPU: the share of the
@@ -69,7 +70,6 @@ class VLLMBackend(GenerationBackend):
         stop_strings: Sequence[str] = (),
         all_finished: Callable[[bool], bool] | None = None,
     ) -> list[Completion]:
-        from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
         if num_return_sequences < 1:
@@ -78,21 +78,7 @@ class VLLMBackend(GenerationBackend):
             self._load_policy_weights()
         requests = [TokensPrompt(prompt_token_ids=list(prompt)) for prompt in prompts for _ in range(num_return_sequences)]
         seeds = _seeds(len(requests), options, generator)
-        params = [
-            SamplingParams(
-                n=1,
-                max_tokens=options.max_new_tokens,
-                temperature=options.temperature,
-                top_p=options.top_p,
-                top_k=options.top_k or -1,
-                repetition_penalty=options.repetition_penalty,
-                stop=list(stop_strings) or None,
-                stop_token_ids=self.stop_token_ids,
-                seed=seed,
-                skip_special_tokens=True,
-            )
-            for seed in seeds
-        ]
+        params = [sampling_params(options, seed=seed, stop=stop_strings, stop_token_ids=self.stop_token_ids) for seed in seeds]
         with training_rng_kept(self.device):
             outputs = self.llm.generate(requests, params, use_tqdm=False)
         return [
@@ -125,14 +111,12 @@ def start_engine(model: Any, device: Device) -> Any:
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     dtype = base.get_input_embeddings().weight.dtype
-    settings: dict[str, Any] = {"gpu_memory_utilization": MEMORY_SHARE}
-    if device.name != "cuda":
-        settings["enforce_eager"] = True  # vLLM's CPU build compiles through Triton, which a CPU machine seldom has
     return LLM(
         model=str(resolve_model(base.name_or_path)),
         dtype=str(dtype).removeprefix("torch."),
         seed=0,
-        **settings,
+        gpu_memory_utilization=MEMORY_SHARE,
+        **device_settings(device.name),
     )
 
 

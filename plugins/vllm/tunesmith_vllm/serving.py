@@ -15,6 +15,7 @@ ran in one batch.)
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import threading
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from tunesmith import ChoicePiece, Job, ServingEngine, WaitingJobs, resolve_model, stop_token_ids
+from tunesmith_vllm.settings import device_settings, sampling_params
 
 VLLM_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
@@ -43,11 +45,9 @@ class VLLMEngine(ServingEngine):
             generation_config = GenerationConfig.from_pretrained(folder)
         except OSError:  # the folder has no generation_config.json
             generation_config = None
-        settings: dict[str, Any] = {}
+        lora: dict[str, Any] = {}
         if adapters:
-            settings.update(enable_lora=True, max_loras=len(adapters), max_lora_rank=max(_lora_rank(path) for path in adapters.values()))
-        if runtime.device.name != "cuda":
-            settings["enforce_eager"] = True  # vLLM's CPU build compiles through Triton, which a CPU machine seldom has
+            lora = {"enable_lora": True, "max_loras": len(adapters), "max_lora_rank": max(_lora_rank(path) for path in adapters.values())}
         engine = LLMEngine.from_engine_args(
             EngineArgs(
                 model=str(folder),
@@ -55,7 +55,8 @@ class VLLMEngine(ServingEngine):
                 trust_remote_code=trust_remote_code,
                 max_num_seqs=max_batch_rows,
                 seed=0,
-                **settings,
+                **device_settings(runtime.device.name),
+                **lora,
             )
         )
         stops = stop_token_ids(SimpleNamespace(generation_config=generation_config), tokenizer)
@@ -144,7 +145,6 @@ class VLLMEngine(ServingEngine):
         return {running.job for running in self._running.values()}
 
     def _add(self, job: Job) -> None:
-        from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
@@ -152,17 +152,9 @@ class VLLMEngine(ServingEngine):
         options = job.options
         for index in range(job.n):
             request_id = f"{next(self._ids)}"
-            params = SamplingParams(
-                max_tokens=options.max_new_tokens,
-                temperature=options.temperature,
-                top_p=options.top_p,
-                top_k=options.top_k or -1,
-                repetition_penalty=options.repetition_penalty,
-                seed=None if options.seed is None else options.seed + index,
-                stop=list(job.stop) or None,
-                stop_token_ids=self.stop_token_ids,
-                logprobs=0,
-                output_kind=RequestOutputKind.DELTA,
+            seed = None if options.seed is None else options.seed + index
+            params = sampling_params(
+                options, seed=seed, stop=job.stop, stop_token_ids=self.stop_token_ids, logprobs=0, output_kind=RequestOutputKind.DELTA
             )
             lora = None if job.adapter is None else self.lora_requests[job.adapter]
             self.engine.add_request(request_id, TokensPrompt(prompt_token_ids=job.prompt_ids), params, lora_request=lora)
@@ -218,7 +210,5 @@ class _Running:
 def _lora_rank(adapter: Path) -> int:
     """The rank vLLM reserves for ``adapter``: its LoRA rank, rounded up to a power of two of at
     least 8 (the ranks vLLM takes)."""
-    import json
-
     rank = int(json.loads((Path(adapter) / "adapter_config.json").read_text(encoding="utf-8"))["r"])
     return max(8, 1 << (rank - 1).bit_length())
